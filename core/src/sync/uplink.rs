@@ -1,0 +1,480 @@
+//! `Uplink`: the client end of a session, sending a ledger's events upstream.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{CloseReason, Common, SessionConfig, SessionError, SessionEvent, Store};
+use crate::event::{DeviceId, GatewayId, Millis, Seq};
+use crate::vv::VersionVector;
+use crate::wire::{
+    Ack, Backpressure, Frame, Goodbye, GoodbyeReason, Hello, Peer, Welcome, BATCH_EVENTS_MAX,
+    FRAME_BYTES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+};
+
+/// The client end of a session: a device towards a gateway, or a gateway towards the cloud.
+/// See the [module documentation](super) for the protocol and the handle/poll shape.
+#[derive(Debug)]
+pub struct Uplink {
+    me: Peer,
+    common: Common,
+    state: State,
+    streams: BTreeMap<DeviceId, OutStream>,
+    /// Device served last, so batches of many devices take turns.
+    last_served: Option<DeviceId>,
+    last_progress: Millis,
+    stall_reported: bool,
+    backlog_events: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// `Hello` not sent yet.
+    Start,
+    /// `Hello` sent, waiting for `Welcome`.
+    AwaitWelcome,
+    /// Sending.
+    Established,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Start => "starting",
+            State::AwaitWelcome => "waiting for welcome",
+            State::Established => "established",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct OutStream {
+    /// What the receiver holds durably.
+    acked: Seq,
+    /// Next seq to send; everything before it is sent or acknowledged.
+    next: Seq,
+    /// Last seq and send time of each batch not yet acknowledged, oldest first.
+    in_flight: VecDeque<(Seq, Millis)>,
+    /// Backpressure: send nothing before this time.
+    paused_until: Option<Millis>,
+    /// The ledger's high when last looked at.
+    known_high: Seq,
+    /// Resends of the same run without progress.
+    resends: u32,
+    resend_from: Seq,
+}
+
+impl Uplink {
+    /// A device's session towards a gateway, sending its own events.
+    pub fn for_device(device: DeviceId, config: SessionConfig, now: Millis) -> Self {
+        Self::new(Peer::Device(device), config, now)
+    }
+
+    /// A gateway's session towards the cloud, sending every device's events from its spool.
+    pub fn for_gateway(gateway: GatewayId, config: SessionConfig, now: Millis) -> Self {
+        Self::new(Peer::Gateway(gateway), config, now)
+    }
+
+    fn new(me: Peer, mut config: SessionConfig, now: Millis) -> Self {
+        config.batch_events_max = config.batch_events_max.clamp(1, BATCH_EVENTS_MAX);
+        config.batches_in_flight_max = config.batches_in_flight_max.max(1);
+        Self {
+            me,
+            common: Common::new(config, now),
+            state: State::Start,
+            streams: BTreeMap::new(),
+            last_served: None,
+            last_progress: now,
+            stall_reported: false,
+            backlog_events: 0,
+        }
+    }
+
+    /// Whether the handshake is done and the session is open.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established && !self.common.closed
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.common.closed
+    }
+
+    /// Events the ledger holds that the receiver has not acknowledged, as last seen.
+    pub fn backlog_events(&self) -> u64 {
+        self.backlog_events
+    }
+
+    /// What the receiver has acknowledged of `device`.
+    pub fn acked(&self, device: &DeviceId) -> Seq {
+        self.streams
+            .get(device)
+            .map_or(Seq::ZERO, |stream| stream.acked)
+    }
+
+    /// Tells the session that `device`'s events were appended to the ledger (a gateway learns of
+    /// new devices this way). A device's session also looks at its ledger on every poll.
+    pub fn handle_appended(&mut self, device: DeviceId) {
+        if self.sends_for(&device) {
+            let stream = self.streams.entry(device).or_default();
+            if stream.next == Seq::ZERO {
+                stream.next = stream.acked.next();
+            }
+        }
+    }
+
+    /// Tells the session that the shadow of `device` changed locally (or through another session).
+    pub fn handle_shadow_changed(&mut self, device: DeviceId) {
+        if self.sends_for(&device) {
+            self.common.mark_shadow_dirty(device);
+        }
+    }
+
+    /// Ends the session cleanly with a goodbye.
+    pub fn close(&mut self, reason: GoodbyeReason) {
+        if !self.common.closed {
+            self.common.send(Frame::Goodbye(Goodbye { reason }));
+            self.common.close(CloseReason::LocalGoodbye(reason));
+        }
+    }
+
+    fn sends_for(&self, device: &DeviceId) -> bool {
+        match self.me {
+            Peer::Device(own) => own == *device,
+            Peer::Gateway(_) => true,
+        }
+    }
+
+    /// Handles a frame from the server. On error the session is closed and an error frame is
+    /// queued for the server.
+    pub fn handle_frame<S: Store + ?Sized>(
+        &mut self,
+        now: Millis,
+        frame: Frame,
+        store: &mut S,
+    ) -> Result<(), SessionError> {
+        if self.common.closed {
+            return Ok(());
+        }
+        self.common.last_received = now;
+        let result = self.dispatch(now, frame, store);
+        result.map_err(|error| self.common.fail(error))
+    }
+
+    fn dispatch<S: Store + ?Sized>(
+        &mut self,
+        now: Millis,
+        frame: Frame,
+        store: &mut S,
+    ) -> Result<(), SessionError> {
+        match (self.state, frame) {
+            (State::AwaitWelcome, Frame::Welcome(welcome)) => self.on_welcome(now, welcome, store),
+            (State::Established, Frame::Custody(ack)) => {
+                self.on_ack(now, ack)?;
+                self.common.emit(SessionEvent::Custody {
+                    device: ack.device,
+                    up_to: ack.up_to,
+                });
+                Ok(())
+            }
+            (State::Established, Frame::Commit(ack)) => {
+                self.on_ack(now, ack)?;
+                self.common.emit(SessionEvent::Committed {
+                    device: ack.device,
+                    up_to: ack.up_to,
+                });
+                Ok(())
+            }
+            (State::Established, Frame::Backpressure(backpressure)) => {
+                self.on_backpressure(now, backpressure)
+            }
+            (State::Established, Frame::ShadowSync(sync)) => {
+                if !self.sends_for(&sync.device) {
+                    return Err(SessionError::Unauthorized {
+                        reason: format!(
+                            "server sent the shadow of {}, which this replica does not keep",
+                            sync.device
+                        ),
+                    });
+                }
+                self.common.receive_shadow(sync, store)
+            }
+            (_, Frame::KeepAlive(_)) => Ok(()),
+            (_, Frame::Goodbye(goodbye)) => {
+                self.common.close(CloseReason::Goodbye(goodbye.reason));
+                Ok(())
+            }
+            (_, Frame::Error(error)) => {
+                #[cfg(feature = "std")]
+                tracing::warn!(code = ?error.code, message = %error.message, "server closed the session with an error");
+                self.common.close(CloseReason::PeerError {
+                    code: error.code,
+                    message: error.message,
+                });
+                Ok(())
+            }
+            (state, frame) => Err(SessionError::UnexpectedFrame {
+                frame: frame.name(),
+                state: state.name(),
+            }),
+        }
+    }
+
+    fn on_welcome<S: Store + ?Sized>(
+        &mut self,
+        now: Millis,
+        welcome: Welcome,
+        store: &mut S,
+    ) -> Result<(), SessionError> {
+        if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&welcome.protocol) {
+            return Err(SessionError::ProtocolVersion {
+                peer_min: welcome.protocol,
+                peer_max: welcome.protocol,
+            });
+        }
+        for (device, _) in self.hello_vv(store).iter() {
+            let acked = welcome.vv.get(device);
+            self.streams.insert(
+                *device,
+                OutStream {
+                    acked,
+                    next: acked.next(),
+                    ..OutStream::default()
+                },
+            );
+        }
+        for device in store.shadow_devices() {
+            self.handle_shadow_changed(device);
+        }
+        self.state = State::Established;
+        self.last_progress = now;
+        self.common.emit(SessionEvent::Established {
+            protocol: welcome.protocol,
+            peer_wall: welcome.wall,
+        });
+        Ok(())
+    }
+
+    fn stream_for(&mut self, device: &DeviceId) -> Result<&mut OutStream, SessionError> {
+        if !self.sends_for(device) {
+            return Err(SessionError::Unauthorized {
+                reason: format!("server acknowledged events of {device}"),
+            });
+        }
+        Ok(self.streams.entry(*device).or_default())
+    }
+
+    fn on_ack(&mut self, now: Millis, ack: Ack) -> Result<(), SessionError> {
+        let stream = self.stream_for(&ack.device)?;
+        if ack.up_to > stream.acked {
+            stream.acked = ack.up_to;
+            stream.in_flight.retain(|(last, _)| *last > ack.up_to);
+            stream.next = stream.next.max(ack.up_to.next());
+            stream.resends = 0;
+            self.last_progress = now;
+            self.stall_reported = false;
+        }
+        Ok(())
+    }
+
+    fn on_backpressure(
+        &mut self,
+        now: Millis,
+        backpressure: Backpressure,
+    ) -> Result<(), SessionError> {
+        let stream = self.stream_for(&backpressure.device)?;
+        stream.acked = stream.acked.max(backpressure.up_to);
+        stream.next = stream.acked.next();
+        stream.in_flight.clear();
+        stream.paused_until = Some(now.plus_ms(u64::from(backpressure.retry_after_ms)));
+        #[cfg(feature = "std")]
+        tracing::debug!(device = %backpressure.device, reason = ?backpressure.reason, "server applies backpressure");
+        self.common.emit(SessionEvent::Throttled {
+            device: backpressure.device,
+            reason: backpressure.reason,
+            retry_after_ms: backpressure.retry_after_ms,
+        });
+        Ok(())
+    }
+
+    fn hello_vv<S: Store + ?Sized>(&self, store: &S) -> VersionVector {
+        match self.me {
+            Peer::Device(own) => [(own, store.high(&own))].into_iter().collect(),
+            Peer::Gateway(_) => store.version_vector(),
+        }
+    }
+
+    /// The next frame to send, reading events from `store` as needed.
+    pub fn poll_transmit<S: Store + ?Sized>(
+        &mut self,
+        now: Millis,
+        store: &mut S,
+    ) -> Result<Option<Frame>, SessionError> {
+        if let Some(frame) = self.common.poll_transmit_queued(now) {
+            return Ok(Some(frame));
+        }
+        if self.common.closed {
+            return Ok(None);
+        }
+        let frame = match self.state {
+            State::Start => {
+                self.state = State::AwaitWelcome;
+                Some(Frame::Hello(Hello {
+                    protocol_min: PROTOCOL_VERSION_MIN,
+                    protocol_max: PROTOCOL_VERSION,
+                    peer: self.me,
+                    vv: self.hello_vv(store),
+                    wall: now,
+                }))
+            }
+            State::AwaitWelcome => None,
+            State::Established => match self.common.next_shadow_frame(store) {
+                Some(frame) => Some(frame),
+                None => self.next_batch(now, store)?,
+            },
+        };
+        if frame.is_some() {
+            self.common.last_sent = now;
+        }
+        Ok(frame)
+    }
+
+    fn next_batch<S: Store + ?Sized>(
+        &mut self,
+        now: Millis,
+        store: &mut S,
+    ) -> Result<Option<Frame>, SessionError> {
+        if let Peer::Device(own) = self.me {
+            self.streams.entry(own).or_default();
+        }
+        let mut backlog_events = 0;
+        for (device, stream) in &mut self.streams {
+            stream.known_high = store.high(device);
+            backlog_events += stream.known_high.0.saturating_sub(stream.acked.0);
+        }
+        self.backlog_events = backlog_events;
+
+        // Serve devices in turn, starting after the one served last.
+        let devices: Vec<DeviceId> = match self.last_served {
+            Some(last) => {
+                let after = self
+                    .streams
+                    .range(last..)
+                    .skip(1)
+                    .map(|(device, _)| *device);
+                after
+                    .chain(self.streams.range(..=last).map(|(device, _)| *device))
+                    .collect()
+            }
+            None => self.streams.keys().copied().collect(),
+        };
+        let config = &self.common.config;
+        for device in devices {
+            let Some(stream) = self.streams.get_mut(&device) else {
+                continue;
+            };
+            if stream.paused_until.is_some_and(|until| now < until) {
+                continue;
+            }
+            stream.paused_until = None;
+            if stream.in_flight.len() >= config.batches_in_flight_max
+                || stream.next > stream.known_high
+            {
+                continue;
+            }
+            let Some(mut batch) = store.read(&device, stream.next, config.batch_events_max)? else {
+                // Covered but not held (pruned after commit): nothing to send for now.
+                stream.next = stream.known_high.next();
+                continue;
+            };
+            // Keep the frame under the size limit: large payloads mean fewer events per batch.
+            while batch.events.len() > 1
+                && Frame::Events(batch.clone()).encoded_len() > FRAME_BYTES_MAX
+            {
+                let keep = batch.events.len() / 2;
+                batch.events.truncate(keep);
+            }
+            let last = batch.last_seq();
+            stream.in_flight.push_back((last, now));
+            stream.next = last.next();
+            self.last_served = Some(device);
+            return Ok(Some(Frame::Events(batch)));
+        }
+        Ok(None)
+    }
+
+    /// The next event for the host.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.common.events.pop_front()
+    }
+
+    /// Retransmits, keep-alives, idle timeout and stall detection.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if !self.common.handle_timeout_common(now, self.backlog_events) {
+            return;
+        }
+        let retransmit_ms = self.common.config.retransmit_ms;
+        let resends_max = self.common.config.resends_max;
+        let mut loops = Vec::new();
+        for (device, stream) in &mut self.streams {
+            let expired = stream
+                .in_flight
+                .front()
+                .is_some_and(|(_, sent)| now.since(*sent) >= retransmit_ms);
+            if !expired {
+                continue;
+            }
+            // Go back to the first unacknowledged seq and send everything again.
+            stream.in_flight.clear();
+            stream.next = stream.acked.next();
+            if stream.resend_from == stream.next {
+                stream.resends += 1;
+            } else {
+                stream.resend_from = stream.next;
+                stream.resends = 1;
+            }
+            if stream.resends == resends_max {
+                loops.push(SessionEvent::ResendLoop {
+                    device: *device,
+                    from: stream.next,
+                    n_resends: stream.resends,
+                });
+            }
+        }
+        for event in loops {
+            #[cfg(feature = "std")]
+            tracing::warn!(?event, "sync resends the same events without progress");
+            self.common.emit(event);
+        }
+        if self.backlog_events > 0
+            && !self.stall_reported
+            && now.since(self.last_progress) >= self.common.config.stall_ms
+        {
+            self.stall_reported = true;
+            #[cfg(feature = "std")]
+            tracing::warn!(
+                backlog = self.backlog_events,
+                "sync stalled: nothing acknowledged"
+            );
+            self.common.emit(SessionEvent::Stalled {
+                since: self.last_progress,
+                backlog_events: self.backlog_events,
+            });
+        }
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let mut deadline = self.common.common_timeout()?;
+        for stream in self.streams.values() {
+            if let Some((_, sent)) = stream.in_flight.front() {
+                deadline = deadline.min(sent.plus_ms(self.common.config.retransmit_ms));
+            }
+            if let Some(until) = stream.paused_until {
+                deadline = deadline.min(until);
+            }
+        }
+        if self.backlog_events > 0 && !self.stall_reported {
+            deadline = deadline.min(self.last_progress.plus_ms(self.common.config.stall_ms));
+        }
+        Some(deadline)
+    }
+}
