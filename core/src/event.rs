@@ -54,23 +54,17 @@ impl Name {
             return Err(NameError::Empty);
         }
         if text.len() > NAME_BYTES_MAX {
-            return Err(NameError::TooLong {
-                len_bytes: text.len(),
-            });
+            return Err(NameError::TooLong { len_bytes: text.len() });
         }
-        if let Some((index, character)) = text
-            .char_indices()
-            .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        if let Some((index, character)) =
+            text.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(NameError::InvalidChar { character, index });
         }
         let mut bytes = [0u8; NAME_BYTES_MAX];
         bytes[..text.len()].copy_from_slice(text.as_bytes());
         // The length is at most 64, checked above, so it fits in a u8.
-        Ok(Self {
-            len: text.len() as u8,
-            bytes,
-        })
+        Ok(Self { len: text.len() as u8, bytes })
     }
 
     fn as_str(&self) -> &str {
@@ -164,9 +158,7 @@ name_type!(
 );
 
 /// A per-device sequence number. The first event of a device has seq 1; `Seq(0)` means "none".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -205,9 +197,7 @@ impl fmt::Display for EventId {
 
 /// Milliseconds since the Unix epoch (UTC), as read from some wall clock. A value, not a clock:
 /// core never reads the time itself.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Millis(pub u64);
 
@@ -226,9 +216,7 @@ impl Millis {
 /// A hybrid logical clock stamp: the highest wall time seen (ms since the Unix epoch) and a
 /// counter that orders stamps within one millisecond or while the wall clock stands still or runs
 /// backwards. Ordered by `(wall_ms, logical)`.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hlc {
     /// Physical part: milliseconds since the Unix epoch.
     pub wall_ms: u64,
@@ -262,14 +250,7 @@ impl HlcClock {
 
     /// A new stamp for a local event, given the wall clock's reading `wall`.
     pub fn now(&mut self, wall: Millis) -> Hlc {
-        let next = if wall.0 > self.last.wall_ms {
-            Hlc {
-                wall_ms: wall.0,
-                logical: 0,
-            }
-        } else {
-            Self::bump(self.last)
-        };
+        let next = if wall.0 > self.last.wall_ms { Hlc { wall_ms: wall.0, logical: 0 } } else { Self::bump(self.last) };
         self.last = next;
         next
     }
@@ -279,19 +260,13 @@ impl HlcClock {
     pub fn observe(&mut self, wall: Millis, remote: Hlc) -> Hlc {
         let wall_ms = wall.0.max(self.last.wall_ms).max(remote.wall_ms);
         let next = if wall_ms == self.last.wall_ms && wall_ms == remote.wall_ms {
-            Self::bump(Hlc {
-                wall_ms,
-                logical: self.last.logical.max(remote.logical),
-            })
+            Self::bump(Hlc { wall_ms, logical: self.last.logical.max(remote.logical) })
         } else if wall_ms == self.last.wall_ms {
             Self::bump(self.last)
         } else if wall_ms == remote.wall_ms {
             Self::bump(remote)
         } else {
-            Hlc {
-                wall_ms,
-                logical: 0,
-            }
+            Hlc { wall_ms, logical: 0 }
         };
         self.last = next;
         next
@@ -301,14 +276,8 @@ impl HlcClock {
     /// one millisecond instead, which keeps the order total without wrapping.
     fn bump(stamp: Hlc) -> Hlc {
         match stamp.logical.checked_add(1) {
-            Some(logical) => Hlc {
-                wall_ms: stamp.wall_ms,
-                logical,
-            },
-            None => Hlc {
-                wall_ms: stamp.wall_ms.saturating_add(1),
-                logical: 0,
-            },
+            Some(logical) => Hlc { wall_ms: stamp.wall_ms, logical },
+            None => Hlc { wall_ms: stamp.wall_ms.saturating_add(1), logical: 0 },
         }
     }
 }

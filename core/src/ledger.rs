@@ -70,12 +70,7 @@ pub trait Ledger {
     /// longer has the events at `from` (pruned after commit, or dropped), the batch starts with
     /// that hole: its `from` is `from` and its first event is the first one held after it.
     /// `None` if the ledger holds nothing at or after `from`.
-    fn read(
-        &self,
-        device: &DeviceId,
-        from: Seq,
-        max_events: usize,
-    ) -> Result<Option<EventBatch>, LedgerError>;
+    fn read(&self, device: &DeviceId, from: Seq, max_events: usize) -> Result<Option<EventBatch>, LedgerError>;
 
     /// Appends a batch received from a sender, skipping what is already covered and filling
     /// holes. The batch may not start after `high + 1`.
@@ -115,10 +110,7 @@ impl MemLedger {
     /// An empty ledger that deletes events once the cloud has committed them (as a device ledger
     /// and a gateway spool do).
     pub fn pruning() -> Self {
-        Self {
-            prune_on_commit: true,
-            ..Self::default()
-        }
+        Self { prune_on_commit: true, ..Self::default() }
     }
 
     /// Records a new event of `device` now: assigns the next seq and a clock stamp.
@@ -134,15 +126,7 @@ impl MemLedger {
         let seq = stream.high.next();
         let id = EventId { device, seq };
         let hlc = self.clock.now(wall);
-        stream.events.insert(
-            seq,
-            Event {
-                id,
-                hlc,
-                event_time,
-                payload,
-            },
-        );
+        stream.events.insert(seq, Event { id, hlc, event_time, payload });
         stream.high = seq;
         Ok(id)
     }
@@ -152,23 +136,13 @@ impl MemLedger {
     /// the dropped seqs, if any.
     pub fn drop_oldest(&mut self, device: DeviceId, n: usize, wall: Millis) -> Option<(Seq, Seq)> {
         let stream = self.streams.get_mut(&device)?;
-        let doomed: Vec<Seq> = stream
-            .events
-            .keys()
-            .copied()
-            .filter(|seq| *seq > stream.committed)
-            .take(n)
-            .collect();
+        let doomed: Vec<Seq> = stream.events.keys().copied().filter(|seq| *seq > stream.committed).take(n).collect();
         let (first, last) = (*doomed.first()?, *doomed.last()?);
         // Only a contiguous prefix of what is held can become a hole the batch format can declare.
         for seq in &doomed {
             stream.events.remove(seq);
         }
-        let gap = Payload::Gap(crate::event::Gap {
-            first,
-            last,
-            reason: crate::event::GapReason::StorageFull,
-        });
+        let gap = Payload::Gap(crate::event::Gap { first, last, reason: crate::event::GapReason::StorageFull });
         // A gap payload with first <= last validates; recording cannot fail.
         let recorded = self.record(device, wall, wall, gap);
         debug_assert!(recorded.is_ok());
@@ -177,10 +151,7 @@ impl MemLedger {
 
     /// The events held for `device`, in seq order.
     pub fn events(&self, device: &DeviceId) -> impl Iterator<Item = &Event> + '_ {
-        self.streams
-            .get(device)
-            .into_iter()
-            .flat_map(|stream| stream.events.values())
+        self.streams.get(device).into_iter().flat_map(|stream| stream.events.values())
     }
 
     /// The event with id `id`, if held.
@@ -190,10 +161,7 @@ impl MemLedger {
 
     /// Number of events held, over all devices.
     pub fn len(&self) -> usize {
-        self.streams
-            .values()
-            .map(|stream| stream.events.len())
-            .sum()
+        self.streams.values().map(|stream| stream.events.len()).sum()
     }
 
     /// Whether no events are held.
@@ -208,16 +176,12 @@ impl MemLedger {
 
     /// Declared holes of `device` that no late event has filled, as (first, last).
     pub fn holes(&self, device: &DeviceId) -> Vec<(Seq, Seq)> {
-        self.streams.get(device).map_or_else(Vec::new, |stream| {
-            stream.holes.iter().map(|(a, b)| (*a, *b)).collect()
-        })
+        self.streams.get(device).map_or_else(Vec::new, |stream| stream.holes.iter().map(|(a, b)| (*a, *b)).collect())
     }
 
     /// Highest seq of `device` known committed in the cloud store.
     pub fn committed(&self, device: &DeviceId) -> Seq {
-        self.streams
-            .get(device)
-            .map_or(Seq::ZERO, |stream| stream.committed)
+        self.streams.get(device).map_or(Seq::ZERO, |stream| stream.committed)
     }
 
     /// The device clock's last stamp.
@@ -228,24 +192,14 @@ impl MemLedger {
 
 impl Ledger for MemLedger {
     fn high(&self, device: &DeviceId) -> Seq {
-        self.streams
-            .get(device)
-            .map_or(Seq::ZERO, |stream| stream.high)
+        self.streams.get(device).map_or(Seq::ZERO, |stream| stream.high)
     }
 
     fn version_vector(&self) -> VersionVector {
-        self.streams
-            .iter()
-            .map(|(device, stream)| (*device, stream.high))
-            .collect()
+        self.streams.iter().map(|(device, stream)| (*device, stream.high)).collect()
     }
 
-    fn read(
-        &self,
-        device: &DeviceId,
-        from: Seq,
-        max_events: usize,
-    ) -> Result<Option<EventBatch>, LedgerError> {
+    fn read(&self, device: &DeviceId, from: Seq, max_events: usize) -> Result<Option<EventBatch>, LedgerError> {
         let Some(stream) = self.streams.get(device) else {
             return Ok(None);
         };
@@ -272,25 +226,13 @@ impl Ledger for MemLedger {
         batch.validate()?;
         let stream = self.streams.entry(batch.device).or_default();
         if batch.from > stream.high.next() {
-            return Err(LedgerError::Hole {
-                device: batch.device,
-                high: stream.high,
-                from: batch.from,
-            });
+            return Err(LedgerError::Hole { device: batch.device, high: stream.high, from: batch.from });
         }
         let mut n_new = 0;
         // Late events for declared holes fill them.
-        for event in batch
-            .events
-            .iter()
-            .filter(|event| event.id.seq <= stream.high)
-        {
+        for event in batch.events.iter().filter(|event| event.id.seq <= stream.high) {
             let seq = event.id.seq;
-            let hole = stream
-                .holes
-                .range(..=seq)
-                .next_back()
-                .map(|(first, last)| (*first, *last));
+            let hole = stream.holes.range(..=seq).next_back().map(|(first, last)| (*first, *last));
             if let Some((first, last)) = hole.filter(|(_, last)| seq <= *last) {
                 stream.holes.remove(&first);
                 if first < seq {
@@ -318,10 +260,7 @@ impl Ledger for MemLedger {
         if let Some(last) = batch.events.last() {
             self.clock.observe(Millis(0), last.hlc);
         }
-        Ok(Appended {
-            high: stream.high,
-            n_new,
-        })
+        Ok(Appended { high: stream.high, n_new })
     }
 
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {

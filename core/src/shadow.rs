@@ -35,9 +35,7 @@ pub struct ShadowLimits {
 
 impl Default for ShadowLimits {
     fn default() -> Self {
-        Self {
-            bytes_max: 64 * 1024,
-        }
+        Self { bytes_max: 64 * 1024 }
     }
 }
 
@@ -117,9 +115,8 @@ impl Shadow {
     pub fn new(replica: &str, limits: ShadowLimits) -> Self {
         let mut doc = AutoCommit::new().with_actor(ActorId::from(GENESIS_ACTOR));
         // The genesis is two puts on a fresh document: they cannot fail.
-        let genesis = doc
-            .put_object(ROOT, REPORTED, ObjType::Map)
-            .and_then(|_| doc.put_object(ROOT, DESIRED, ObjType::Map));
+        let genesis =
+            doc.put_object(ROOT, REPORTED, ObjType::Map).and_then(|_| doc.put_object(ROOT, DESIRED, ObjType::Map));
         debug_assert!(genesis.is_ok(), "genesis puts on an empty document");
         doc.commit();
         doc.set_actor(ActorId::from(replica.as_bytes()));
@@ -228,26 +225,17 @@ impl Shadow {
 
     /// The next sync message for `peer`, if there is something to say.
     pub fn generate_sync_message(&mut self, peer: &mut PeerSync) -> Option<Vec<u8>> {
-        self.doc
-            .sync()
-            .generate_sync_message(&mut peer.state)
-            .map(|message| message.encode())
+        self.doc.sync().generate_sync_message(&mut peer.state).map(|message| message.encode())
     }
 
     /// Applies a sync message from `peer`. Returns whether the document changed. A message that
     /// does not decode, or that would grow the shadow past its bound, leaves it unchanged.
-    pub fn receive_sync_message(
-        &mut self,
-        peer: &mut PeerSync,
-        message: &[u8],
-    ) -> Result<bool, ShadowError> {
+    pub fn receive_sync_message(&mut self, peer: &mut PeerSync, message: &[u8]) -> Result<bool, ShadowError> {
         let message = automerge::sync::Message::decode(message)?;
         let heads_before = self.doc.get_heads();
         let mut trial = self.doc.clone();
         let mut trial_state = peer.state.clone();
-        trial
-            .sync()
-            .receive_sync_message(&mut trial_state, message)?;
+        trial.sync().receive_sync_message(&mut trial_state, message)?;
         let changed = trial.get_heads() != heads_before;
         if changed {
             self.accept(trial)?;
@@ -260,10 +248,7 @@ impl Shadow {
     fn accept(&mut self, mut trial: AutoCommit) -> Result<(), ShadowError> {
         let len_bytes = trial.save_nocompress().len();
         if len_bytes > self.limits.bytes_max {
-            return Err(ShadowError::TooLarge {
-                len_bytes,
-                max_bytes: self.limits.bytes_max,
-            });
+            return Err(ShadowError::TooLarge { len_bytes, max_bytes: self.limits.bytes_max });
         }
         section_id(&trial, Section::Reported)?;
         section_id(&trial, Section::Desired)?;
@@ -283,12 +268,7 @@ fn section_id(doc: &AutoCommit, section: Section) -> Result<ObjId, ShadowError> 
     }
 }
 
-fn put_value(
-    doc: &mut AutoCommit,
-    parent: &ObjId,
-    key: &str,
-    value: &Value,
-) -> Result<(), ShadowError> {
+fn put_value(doc: &mut AutoCommit, parent: &ObjId, key: &str, value: &Value) -> Result<(), ShadowError> {
     match value {
         Value::Map(entries) => {
             let map = doc.put_object(parent, key, ObjType::Map)?;
@@ -307,12 +287,7 @@ fn put_value(
     Ok(())
 }
 
-fn insert_value(
-    doc: &mut AutoCommit,
-    list: &ObjId,
-    index: usize,
-    value: &Value,
-) -> Result<(), ShadowError> {
+fn insert_value(doc: &mut AutoCommit, list: &ObjId, index: usize, value: &Value) -> Result<(), ShadowError> {
     match value {
         Value::Map(entries) => {
             let map = doc.insert_object(list, index, ObjType::Map)?;
@@ -345,9 +320,7 @@ fn from_scalar(scalar: &ScalarValue) -> Value {
     match scalar {
         ScalarValue::Boolean(flag) => Value::Bool(*flag),
         ScalarValue::Int(number) => Value::Int(*number),
-        ScalarValue::Uint(number) => {
-            i64::try_from(*number).map_or(Value::Float(*number as f64), Value::Int)
-        }
+        ScalarValue::Uint(number) => i64::try_from(*number).map_or(Value::Float(*number as f64), Value::Int),
         ScalarValue::F64(number) => Value::Float(*number),
         ScalarValue::Counter(counter) => Value::Int(i64::from(counter)),
         ScalarValue::Timestamp(ms) => Value::Int(*ms),
@@ -380,9 +353,7 @@ fn read_object(doc: &AutoCommit, id: &ObjId, kind: ObjType) -> Value {
             for index in 0..doc.length(id) {
                 let item = match doc.get(id, index) {
                     Ok(Some((automerge::Value::Scalar(scalar), _))) => from_scalar(&scalar),
-                    Ok(Some((automerge::Value::Object(kind), child))) => {
-                        read_object(doc, &child, kind)
-                    }
+                    Ok(Some((automerge::Value::Object(kind), child))) => read_object(doc, &child, kind),
                     _ => Value::Null,
                 };
                 items.push(item);

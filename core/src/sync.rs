@@ -29,8 +29,7 @@ use crate::ledger::{Ledger, LedgerError, MemLedger};
 use crate::shadow::{PeerSync, Shadow, ShadowError, ShadowLimits};
 use crate::vv::VersionVector;
 use crate::wire::{
-    BackpressureReason, ErrorCode, ErrorFrame, Frame, GoodbyeReason, ShadowSync, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_MIN,
+    BackpressureReason, ErrorCode, ErrorFrame, Frame, GoodbyeReason, ShadowSync, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 
 pub use ingest::Ingest;
@@ -237,9 +236,7 @@ impl SessionError {
         match self {
             SessionError::ProtocolVersion { .. } => ErrorCode::ProtocolVersion,
             SessionError::Unauthorized { .. } => ErrorCode::Unauthorized,
-            SessionError::UnexpectedFrame { .. } | SessionError::Closed => {
-                ErrorCode::UnexpectedFrame
-            }
+            SessionError::UnexpectedFrame { .. } | SessionError::Closed => ErrorCode::UnexpectedFrame,
             SessionError::Shadow { .. } => ErrorCode::ShadowRejected,
             SessionError::Ledger(_) => ErrorCode::Internal,
         }
@@ -301,15 +298,9 @@ impl Common {
             let message = error.to_string();
             #[cfg(feature = "std")]
             tracing::warn!(code = ?error.code(), %message, "closing session");
-            self.send(Frame::Error(ErrorFrame {
-                code: error.code(),
-                message: message.clone(),
-            }));
+            self.send(Frame::Error(ErrorFrame { code: error.code(), message: message.clone() }));
             self.closed = true;
-            self.emit(SessionEvent::Closed(CloseReason::LocalError {
-                code: error.code(),
-                message,
-            }));
+            self.emit(SessionEvent::Closed(CloseReason::LocalError { code: error.code(), message }));
         }
         error
     }
@@ -326,17 +317,11 @@ impl Common {
     }
 
     /// Applies a peer's shadow sync message to the store's shadow.
-    fn receive_shadow<S: Store + ?Sized>(
-        &mut self,
-        sync: ShadowSync,
-        store: &mut S,
-    ) -> Result<(), SessionError> {
+    fn receive_shadow<S: Store + ?Sized>(&mut self, sync: ShadowSync, store: &mut S) -> Result<(), SessionError> {
         let device = sync.device;
-        let shadow = store
-            .shadow_mut(&device)
-            .map_err(|source| SessionError::Shadow { device, source })?
-            .ok_or_else(|| SessionError::Unauthorized {
-                reason: format!("this replica keeps no shadow of {device}"),
+        let shadow =
+            store.shadow_mut(&device).map_err(|source| SessionError::Shadow { device, source })?.ok_or_else(|| {
+                SessionError::Unauthorized { reason: format!("this replica keeps no shadow of {device}") }
             })?;
         let peer = self.shadows.entry(device).or_default();
         let changed = shadow
@@ -351,12 +336,8 @@ impl Common {
 
     /// The next shadow sync message for a dirty shadow, if any.
     fn next_shadow_frame<S: Store + ?Sized>(&mut self, store: &mut S) -> Option<Frame> {
-        let dirty: Vec<DeviceId> = self
-            .shadows
-            .iter()
-            .filter(|(_, peer)| peer.dirty)
-            .map(|(device, _)| *device)
-            .collect();
+        let dirty: Vec<DeviceId> =
+            self.shadows.iter().filter(|(_, peer)| peer.dirty).map(|(device, _)| *device).collect();
         for device in dirty {
             let Some(peer) = self.shadows.get_mut(&device) else {
                 continue;
@@ -435,19 +416,8 @@ pub enum ShadowKeeping {
 
 impl MemStore {
     /// A store for the replica named `replica` (the shadows' actor), with `ledger`.
-    pub fn new(
-        replica: &str,
-        ledger: MemLedger,
-        keeps: ShadowKeeping,
-        limits: ShadowLimits,
-    ) -> Self {
-        Self {
-            ledger,
-            shadows: BTreeMap::new(),
-            replica: replica.to_string(),
-            keeps,
-            limits,
-        }
+    pub fn new(replica: &str, ledger: MemLedger, keeps: ShadowKeeping, limits: ShadowLimits) -> Self {
+        Self { ledger, shadows: BTreeMap::new(), replica: replica.to_string(), keeps, limits }
     }
 }
 
@@ -458,18 +428,10 @@ impl Ledger for MemStore {
     fn version_vector(&self) -> VersionVector {
         self.ledger.version_vector()
     }
-    fn read(
-        &self,
-        device: &DeviceId,
-        from: Seq,
-        max_events: usize,
-    ) -> Result<Option<batch::EventBatch>, LedgerError> {
+    fn read(&self, device: &DeviceId, from: Seq, max_events: usize) -> Result<Option<batch::EventBatch>, LedgerError> {
         self.ledger.read(device, from, max_events)
     }
-    fn append(
-        &mut self,
-        batch: &batch::EventBatch,
-    ) -> Result<crate::ledger::Appended, LedgerError> {
+    fn append(&mut self, batch: &batch::EventBatch) -> Result<crate::ledger::Appended, LedgerError> {
         self.ledger.append(batch)
     }
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {
@@ -485,11 +447,7 @@ impl Store for MemStore {
             }
         }
         let (replica, limits) = (&self.replica, self.limits);
-        Ok(Some(
-            self.shadows
-                .entry(*device)
-                .or_insert_with(|| Shadow::new(replica, limits)),
-        ))
+        Ok(Some(self.shadows.entry(*device).or_insert_with(|| Shadow::new(replica, limits))))
     }
 
     fn shadow_devices(&self) -> Vec<DeviceId> {

@@ -65,18 +65,14 @@ impl Value {
             Value::Null => serde_json::Value::Null,
             Value::Bool(flag) => serde_json::Value::Bool(*flag),
             Value::Int(number) => serde_json::Value::from(*number),
-            Value::Float(number) => serde_json::Number::from_f64(*number)
-                .map_or(serde_json::Value::Null, serde_json::Value::Number),
-            Value::Text(text) => serde_json::Value::String(text.clone()),
-            Value::List(items) => {
-                serde_json::Value::Array(items.iter().map(Value::to_json).collect())
+            Value::Float(number) => {
+                serde_json::Number::from_f64(*number).map_or(serde_json::Value::Null, serde_json::Value::Number)
             }
-            Value::Map(entries) => serde_json::Value::Object(
-                entries
-                    .iter()
-                    .map(|(key, value)| (key.clone(), value.to_json()))
-                    .collect(),
-            ),
+            Value::Text(text) => serde_json::Value::String(text.clone()),
+            Value::List(items) => serde_json::Value::Array(items.iter().map(Value::to_json).collect()),
+            Value::Map(entries) => {
+                serde_json::Value::Object(entries.iter().map(|(key, value)| (key.clone(), value.to_json())).collect())
+            }
         }
     }
 
@@ -95,12 +91,9 @@ impl Value {
                     None => Value::Float(number.as_f64().unwrap_or(f64::NAN)),
                 },
                 serde_json::Value::String(text) => Value::Text(text.clone()),
-                serde_json::Value::Array(items) => Value::List(
-                    items
-                        .iter()
-                        .map(|item| convert(item, depth + 1))
-                        .collect::<Result<_, _>>()?,
-                ),
+                serde_json::Value::Array(items) => {
+                    Value::List(items.iter().map(|item| convert(item, depth + 1)).collect::<Result<_, _>>()?)
+                }
                 serde_json::Value::Object(entries) => Value::Map(
                     entries
                         .iter()
@@ -163,9 +156,7 @@ impl<'de> Visitor<'de> for ValueSeed {
 
     fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
         let (tag, variant) = data.variant::<Tag>()?;
-        let inner = ValueSeed {
-            depth: self.depth + 1,
-        };
+        let inner = ValueSeed { depth: self.depth + 1 };
         Ok(match tag {
             Tag::Null => {
                 variant.unit_variant()?;

@@ -135,11 +135,7 @@ impl VersionVector {
         self.iter()
             .filter_map(|(device, seq)| {
                 let theirs = other.get(device);
-                (seq > theirs).then(|| SeqRange {
-                    device: *device,
-                    first: theirs.next(),
-                    last: seq,
-                })
+                (seq > theirs).then(|| SeqRange { device: *device, first: theirs.next(), last: seq })
             })
             .collect()
     }

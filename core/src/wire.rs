@@ -343,10 +343,7 @@ impl Frame {
         let mut body = Vec::new();
         let tag = self.encode_body(&mut body);
         let len = body.len() + 1;
-        debug_assert!(
-            len <= FRAME_BYTES_MAX,
-            "sessions bound what they put in a frame"
-        );
+        debug_assert!(len <= FRAME_BYTES_MAX, "sessions bound what they put in a frame");
         codec::put_varint(out, len as u64);
         out.push(tag);
         out.extend_from_slice(&body);
@@ -421,9 +418,7 @@ impl Frame {
         };
         let available = bytes.len() - prefix_bytes;
         if available < len {
-            return Err(DecodeError::Truncated {
-                needed_bytes: len - available,
-            });
+            return Err(DecodeError::Truncated { needed_bytes: len - available });
         }
         let frame = Frame::decode_unprefixed(&bytes[prefix_bytes..prefix_bytes + len])?;
         Ok((frame, prefix_bytes + len))
@@ -432,10 +427,7 @@ impl Frame {
     /// Decodes a frame's type and body (no length prefix).
     pub fn decode_unprefixed(frame_bytes: &[u8]) -> Result<Frame, DecodeError> {
         let (&frame_tag, body) = frame_bytes.split_first().ok_or(DecodeError::Empty)?;
-        fn get<'a, T: Deserialize<'a>>(
-            frame: &'static str,
-            body: &'a [u8],
-        ) -> Result<T, DecodeError> {
+        fn get<'a, T: Deserialize<'a>>(frame: &'static str, body: &'a [u8]) -> Result<T, DecodeError> {
             postcard::from_bytes(body).map_err(|reason| DecodeError::Body { frame, reason })
         }
         Ok(match frame_tag {

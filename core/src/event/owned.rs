@@ -268,19 +268,9 @@ pub struct BodyError {
     pub reason: postcard::Error,
 }
 
-fn check_len(
-    field: &'static str,
-    text: &str,
-    min_bytes: usize,
-    max_bytes: usize,
-) -> Result<(), EventError> {
+fn check_len(field: &'static str, text: &str, min_bytes: usize, max_bytes: usize) -> Result<(), EventError> {
     if text.len() < min_bytes || text.len() > max_bytes {
-        return Err(EventError::FieldLength {
-            field,
-            len_bytes: text.len(),
-            min_bytes,
-            max_bytes,
-        });
+        return Err(EventError::FieldLength { field, len_bytes: text.len(), min_bytes, max_bytes });
     }
     Ok(())
 }
@@ -313,9 +303,7 @@ impl Payload {
                 check_len("sensor", &reading.sensor, 1, SENSOR_NAME_BYTES_MAX)?;
                 check_len("unit", &reading.unit, 0, UNIT_BYTES_MAX)?;
                 if !reading.value.is_finite() {
-                    return Err(EventError::NotFinite {
-                        value: reading.value,
-                    });
+                    return Err(EventError::NotFinite { value: reading.value });
                 }
             }
             Payload::ShadowReported(shadow) => {
@@ -326,25 +314,15 @@ impl Payload {
             Payload::Log(line) => check_len("message", &line.message, 0, PAYLOAD_BYTES_MAX)?,
             Payload::Gap(gap) => {
                 if gap.first == Seq::ZERO || gap.last < gap.first {
-                    return Err(EventError::GapRange {
-                        first: gap.first,
-                        last: gap.last,
-                    });
+                    return Err(EventError::GapRange { first: gap.first, last: gap.last });
                 }
             }
-            Payload::App(app) => {
-                check_len("content_type", &app.content_type, 1, CONTENT_TYPE_BYTES_MAX)?
-            }
-            Payload::Unknown(unknown) => {
-                return Err(EventError::UnknownKind { kind: unknown.kind })
-            }
+            Payload::App(app) => check_len("content_type", &app.content_type, 1, CONTENT_TYPE_BYTES_MAX)?,
+            Payload::Unknown(unknown) => return Err(EventError::UnknownKind { kind: unknown.kind }),
         }
         let len_bytes = self.encoded_body_len();
         if len_bytes > PAYLOAD_BYTES_MAX {
-            return Err(EventError::TooLarge {
-                len_bytes,
-                max_bytes: PAYLOAD_BYTES_MAX,
-            });
+            return Err(EventError::TooLarge { len_bytes, max_bytes: PAYLOAD_BYTES_MAX });
         }
         Ok(())
     }
@@ -372,29 +350,15 @@ impl Payload {
     /// not know become [`Payload::Unknown`]; a known kind whose bytes do not match its schema is
     /// an error. Trailing bytes after a known body are ignored: a newer minor writer may append
     /// fields that this reader does not know.
-    pub fn decode_body(
-        kind: EventKind,
-        schema_version: u16,
-        body: &[u8],
-    ) -> Result<Payload, BodyError> {
-        let error = |reason| BodyError {
-            kind,
-            schema_version,
-            reason,
-        };
+    pub fn decode_body(kind: EventKind, schema_version: u16, body: &[u8]) -> Result<Payload, BodyError> {
+        let error = |reason| BodyError { kind, schema_version, reason };
         let payload = match (kind, schema_version) {
             (EventKind::Reading, 1) => Payload::Reading(postcard::from_bytes(body).map_err(error)?),
-            (EventKind::ShadowReported, 1) => {
-                Payload::ShadowReported(postcard::from_bytes(body).map_err(error)?)
-            }
+            (EventKind::ShadowReported, 1) => Payload::ShadowReported(postcard::from_bytes(body).map_err(error)?),
             (EventKind::Log, 1) => Payload::Log(postcard::from_bytes(body).map_err(error)?),
             (EventKind::Gap, 1) => Payload::Gap(postcard::from_bytes(body).map_err(error)?),
             (EventKind::App, 1) => Payload::App(postcard::from_bytes(body).map_err(error)?),
-            _ => Payload::Unknown(UnknownPayload {
-                kind: kind.tag(),
-                schema_version,
-                body: body.to_vec(),
-            }),
+            _ => Payload::Unknown(UnknownPayload { kind: kind.tag(), schema_version, body: body.to_vec() }),
         };
         Ok(payload)
     }
@@ -407,9 +371,6 @@ pub(crate) fn put_postcard<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     let start = buffer.len();
     match postcard::to_extend(value, buffer) {
         Ok(buffer) => *out = buffer,
-        Err(error) => debug_assert!(
-            false,
-            "postcard failed into a Vec after {start} bytes: {error}"
-        ),
+        Err(error) => debug_assert!(false, "postcard failed into a Vec after {start} bytes: {error}"),
     }
 }

@@ -6,8 +6,7 @@ use super::{negotiate, CloseReason, Common, SessionConfig, SessionError, Session
 use crate::event::{DeviceId, GatewayId, Millis, Seq};
 use crate::vv::VersionVector;
 use crate::wire::{
-    Ack, Backpressure, BackpressureReason, EventBatch, Frame, Goodbye, GoodbyeReason, Hello, Peer,
-    Welcome,
+    Ack, Backpressure, BackpressureReason, EventBatch, Frame, Goodbye, GoodbyeReason, Hello, Peer, Welcome,
 };
 
 /// The server end of a session: a gateway taking one device's events (acknowledged as custody),
@@ -104,20 +103,13 @@ impl Ingest {
         let result = self.dispatch(now, frame, store);
         result.map_err(|error| {
             if let SessionError::Unauthorized { reason } = &error {
-                self.common.emit(SessionEvent::Unauthorized {
-                    reason: reason.clone(),
-                });
+                self.common.emit(SessionEvent::Unauthorized { reason: reason.clone() });
             }
             self.common.fail(error)
         })
     }
 
-    fn dispatch<S: Store + ?Sized>(
-        &mut self,
-        now: Millis,
-        frame: Frame,
-        store: &mut S,
-    ) -> Result<(), SessionError> {
+    fn dispatch<S: Store + ?Sized>(&mut self, now: Millis, frame: Frame, store: &mut S) -> Result<(), SessionError> {
         match (self.established, frame) {
             (false, Frame::Hello(hello)) => self.on_hello(now, hello, store),
             (true, Frame::Events(batch)) => self.on_events(batch, store),
@@ -127,9 +119,7 @@ impl Ingest {
                 self.common.receive_shadow(sync, store)
             }
             (_, Frame::KeepAlive(keep_alive)) => {
-                self.common.emit(SessionEvent::PeerBacklog {
-                    backlog_events: keep_alive.backlog_events,
-                });
+                self.common.emit(SessionEvent::PeerBacklog { backlog_events: keep_alive.backlog_events });
                 Ok(())
             }
             (_, Frame::Goodbye(goodbye)) => {
@@ -138,38 +128,26 @@ impl Ingest {
             }
             (_, Frame::Error(error)) => {
                 tracing::warn!(code = ?error.code, message = %error.message, "client closed the session with an error");
-                self.common.close(CloseReason::PeerError {
-                    code: error.code,
-                    message: error.message,
-                });
+                self.common.close(CloseReason::PeerError { code: error.code, message: error.message });
                 Ok(())
             }
             (established, frame) => Err(SessionError::UnexpectedFrame {
                 frame: frame.name(),
-                state: if established {
-                    "established"
-                } else {
-                    "waiting for hello"
-                },
+                state: if established { "established" } else { "waiting for hello" },
             }),
         }
     }
 
     fn authorize(&self, device: &DeviceId) -> Result<(), SessionError> {
         match self.role {
-            Role::Gateway { device: own } if own != *device => Err(SessionError::Unauthorized {
-                reason: format!("device {own} sent a frame for device {device}"),
-            }),
+            Role::Gateway { device: own } if own != *device => {
+                Err(SessionError::Unauthorized { reason: format!("device {own} sent a frame for device {device}") })
+            }
             _ => Ok(()),
         }
     }
 
-    fn on_hello<S: Store + ?Sized>(
-        &mut self,
-        now: Millis,
-        hello: Hello,
-        store: &mut S,
-    ) -> Result<(), SessionError> {
+    fn on_hello<S: Store + ?Sized>(&mut self, now: Millis, hello: Hello, store: &mut S) -> Result<(), SessionError> {
         let protocol = negotiate(hello.protocol_min, hello.protocol_max)?;
         match (self.role, hello.peer) {
             (Role::Gateway { device }, Peer::Device(claimed)) if device == claimed => {}
@@ -191,15 +169,8 @@ impl Ingest {
         for device in devices {
             let high = store.high(&device);
             vv.set(device, high);
-            self.streams.insert(
-                device,
-                InStream {
-                    accepted: high,
-                    durable: high,
-                    acked: high,
-                    committed_sent: Seq::ZERO,
-                },
-            );
+            self.streams
+                .insert(device, InStream { accepted: high, durable: high, acked: high, committed_sent: Seq::ZERO });
             self.known_devices.insert(device);
         }
         // Offer shadow sync: a gateway syncs its device's shadow, the cloud the shadows it keeps
@@ -210,37 +181,21 @@ impl Ingest {
                 self.common.mark_shadow_dirty(device);
             }
         }
-        self.common.send(Frame::Welcome(Welcome {
-            protocol,
-            vv,
-            wall: now,
-        }));
+        self.common.send(Frame::Welcome(Welcome { protocol, vv, wall: now }));
         self.established = true;
-        self.common.emit(SessionEvent::Established {
-            protocol,
-            peer_wall: hello.wall,
-        });
+        self.common.emit(SessionEvent::Established { protocol, peer_wall: hello.wall });
         tracing::debug!(peer = ?hello.peer, protocol, "session established");
         Ok(())
     }
 
-    fn on_events<S: Store + ?Sized>(
-        &mut self,
-        batch: EventBatch,
-        store: &mut S,
-    ) -> Result<(), SessionError> {
+    fn on_events<S: Store + ?Sized>(&mut self, batch: EventBatch, store: &mut S) -> Result<(), SessionError> {
         self.authorize(&batch.device)?;
         self.known_devices.insert(batch.device);
         let pending_events_max = self.common.config.pending_events_max as u64;
         let retry_after_ms = u32::try_from(self.common.config.retransmit_ms).unwrap_or(u32::MAX);
         let stream = self.streams.entry(batch.device).or_insert_with(|| {
             let high = store.high(&batch.device);
-            InStream {
-                accepted: high,
-                durable: high,
-                acked: high,
-                committed_sent: Seq::ZERO,
-            }
+            InStream { accepted: high, durable: high, acked: high, committed_sent: Seq::ZERO }
         });
         if batch.from > stream.accepted.next() {
             // An earlier batch was lost; the client will go back and resend from its last ack.
@@ -252,10 +207,7 @@ impl Ingest {
             // All of it is here already: repeat the acknowledgement the client may have missed.
             self.n_duplicates += 1;
             if stream.durable >= batch.last_seq() {
-                let ack = Ack {
-                    device: batch.device,
-                    up_to: stream.durable,
-                };
+                let ack = Ack { device: batch.device, up_to: stream.durable };
                 self.common.send(self.ack_frame(ack));
             }
             return Ok(());
@@ -294,34 +246,20 @@ impl Ingest {
         stream.accepted = stream.accepted.max(stream.durable);
         if stream.durable > stream.acked && !self.common.closed {
             stream.acked = stream.durable;
-            let ack = Ack {
-                device,
-                up_to: stream.durable,
-            };
+            let ack = Ack { device, up_to: stream.durable };
             self.common.send(self.ack_frame(ack));
         }
     }
 
     /// The host could not store `device`'s events it was handed after `durable` (its store is
     /// full, or the device is over its rate): tell the client to keep them and retry later.
-    pub fn handle_refused(
-        &mut self,
-        _now: Millis,
-        device: DeviceId,
-        reason: BackpressureReason,
-        retry_after_ms: u32,
-    ) {
+    pub fn handle_refused(&mut self, _now: Millis, device: DeviceId, reason: BackpressureReason, retry_after_ms: u32) {
         let Some(stream) = self.streams.get_mut(&device) else {
             return;
         };
         stream.accepted = stream.durable;
         let up_to = stream.durable;
-        self.common.send(Frame::Backpressure(Backpressure {
-            device,
-            up_to,
-            retry_after_ms,
-            reason,
-        }));
+        self.common.send(Frame::Backpressure(Backpressure { device, up_to, retry_after_ms, reason }));
     }
 
     /// (Gateway) The cloud committed `device`'s events up to `up_to`: tell the device, so it can
@@ -359,11 +297,7 @@ impl Ingest {
     }
 
     /// The next frame to send.
-    pub fn poll_transmit<S: Store + ?Sized>(
-        &mut self,
-        now: Millis,
-        store: &mut S,
-    ) -> Option<Frame> {
+    pub fn poll_transmit<S: Store + ?Sized>(&mut self, now: Millis, store: &mut S) -> Option<Frame> {
         if let Some(frame) = self.common.poll_transmit_queued(now) {
             return Some(frame);
         }

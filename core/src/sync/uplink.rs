@@ -6,8 +6,8 @@ use super::{CloseReason, Common, SessionConfig, SessionError, SessionEvent, Stor
 use crate::event::{DeviceId, GatewayId, Millis, Seq};
 use crate::vv::VersionVector;
 use crate::wire::{
-    Ack, Backpressure, Frame, Goodbye, GoodbyeReason, Hello, Peer, Welcome, BATCH_EVENTS_MAX,
-    FRAME_BYTES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    Ack, Backpressure, Frame, Goodbye, GoodbyeReason, Hello, Peer, Welcome, BATCH_EVENTS_MAX, FRAME_BYTES_MAX,
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 
 /// The client end of a session: a device towards a gateway, or a gateway towards the cloud.
@@ -105,9 +105,7 @@ impl Uplink {
 
     /// What the receiver has acknowledged of `device`.
     pub fn acked(&self, device: &DeviceId) -> Seq {
-        self.streams
-            .get(device)
-            .map_or(Seq::ZERO, |stream| stream.acked)
+        self.streams.get(device).map_or(Seq::ZERO, |stream| stream.acked)
     }
 
     /// Tells the session that `device`'s events were appended to the ledger (a gateway learns of
@@ -159,40 +157,24 @@ impl Uplink {
         result.map_err(|error| self.common.fail(error))
     }
 
-    fn dispatch<S: Store + ?Sized>(
-        &mut self,
-        now: Millis,
-        frame: Frame,
-        store: &mut S,
-    ) -> Result<(), SessionError> {
+    fn dispatch<S: Store + ?Sized>(&mut self, now: Millis, frame: Frame, store: &mut S) -> Result<(), SessionError> {
         match (self.state, frame) {
             (State::AwaitWelcome, Frame::Welcome(welcome)) => self.on_welcome(now, welcome, store),
             (State::Established, Frame::Custody(ack)) => {
                 self.on_ack(now, ack)?;
-                self.common.emit(SessionEvent::Custody {
-                    device: ack.device,
-                    up_to: ack.up_to,
-                });
+                self.common.emit(SessionEvent::Custody { device: ack.device, up_to: ack.up_to });
                 Ok(())
             }
             (State::Established, Frame::Commit(ack)) => {
                 self.on_ack(now, ack)?;
-                self.common.emit(SessionEvent::Committed {
-                    device: ack.device,
-                    up_to: ack.up_to,
-                });
+                self.common.emit(SessionEvent::Committed { device: ack.device, up_to: ack.up_to });
                 Ok(())
             }
-            (State::Established, Frame::Backpressure(backpressure)) => {
-                self.on_backpressure(now, backpressure)
-            }
+            (State::Established, Frame::Backpressure(backpressure)) => self.on_backpressure(now, backpressure),
             (State::Established, Frame::ShadowSync(sync)) => {
                 if !self.sends_for(&sync.device) {
                     return Err(SessionError::Unauthorized {
-                        reason: format!(
-                            "server sent the shadow of {}, which this replica does not keep",
-                            sync.device
-                        ),
+                        reason: format!("server sent the shadow of {}, which this replica does not keep", sync.device),
                     });
                 }
                 self.common.receive_shadow(sync, store)
@@ -205,16 +187,10 @@ impl Uplink {
             (_, Frame::Error(error)) => {
                 #[cfg(feature = "std")]
                 tracing::warn!(code = ?error.code, message = %error.message, "server closed the session with an error");
-                self.common.close(CloseReason::PeerError {
-                    code: error.code,
-                    message: error.message,
-                });
+                self.common.close(CloseReason::PeerError { code: error.code, message: error.message });
                 Ok(())
             }
-            (state, frame) => Err(SessionError::UnexpectedFrame {
-                frame: frame.name(),
-                state: state.name(),
-            }),
+            (state, frame) => Err(SessionError::UnexpectedFrame { frame: frame.name(), state: state.name() }),
         }
     }
 
@@ -225,39 +201,24 @@ impl Uplink {
         store: &mut S,
     ) -> Result<(), SessionError> {
         if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&welcome.protocol) {
-            return Err(SessionError::ProtocolVersion {
-                peer_min: welcome.protocol,
-                peer_max: welcome.protocol,
-            });
+            return Err(SessionError::ProtocolVersion { peer_min: welcome.protocol, peer_max: welcome.protocol });
         }
         for (device, _) in self.hello_vv(store).iter() {
             let acked = welcome.vv.get(device);
-            self.streams.insert(
-                *device,
-                OutStream {
-                    acked,
-                    next: acked.next(),
-                    ..OutStream::default()
-                },
-            );
+            self.streams.insert(*device, OutStream { acked, next: acked.next(), ..OutStream::default() });
         }
         for device in store.shadow_devices() {
             self.handle_shadow_changed(device);
         }
         self.state = State::Established;
         self.last_progress = now;
-        self.common.emit(SessionEvent::Established {
-            protocol: welcome.protocol,
-            peer_wall: welcome.wall,
-        });
+        self.common.emit(SessionEvent::Established { protocol: welcome.protocol, peer_wall: welcome.wall });
         Ok(())
     }
 
     fn stream_for(&mut self, device: &DeviceId) -> Result<&mut OutStream, SessionError> {
         if !self.sends_for(device) {
-            return Err(SessionError::Unauthorized {
-                reason: format!("server acknowledged events of {device}"),
-            });
+            return Err(SessionError::Unauthorized { reason: format!("server acknowledged events of {device}") });
         }
         Ok(self.streams.entry(*device).or_default())
     }
@@ -275,11 +236,7 @@ impl Uplink {
         Ok(())
     }
 
-    fn on_backpressure(
-        &mut self,
-        now: Millis,
-        backpressure: Backpressure,
-    ) -> Result<(), SessionError> {
+    fn on_backpressure(&mut self, now: Millis, backpressure: Backpressure) -> Result<(), SessionError> {
         let stream = self.stream_for(&backpressure.device)?;
         stream.acked = stream.acked.max(backpressure.up_to);
         stream.next = stream.acked.next();
@@ -337,11 +294,7 @@ impl Uplink {
         Ok(frame)
     }
 
-    fn next_batch<S: Store + ?Sized>(
-        &mut self,
-        now: Millis,
-        store: &mut S,
-    ) -> Result<Option<Frame>, SessionError> {
+    fn next_batch<S: Store + ?Sized>(&mut self, now: Millis, store: &mut S) -> Result<Option<Frame>, SessionError> {
         if let Peer::Device(own) = self.me {
             self.streams.entry(own).or_default();
         }
@@ -355,14 +308,8 @@ impl Uplink {
         // Serve devices in turn, starting after the one served last.
         let devices: Vec<DeviceId> = match self.last_served {
             Some(last) => {
-                let after = self
-                    .streams
-                    .range(last..)
-                    .skip(1)
-                    .map(|(device, _)| *device);
-                after
-                    .chain(self.streams.range(..=last).map(|(device, _)| *device))
-                    .collect()
+                let after = self.streams.range(last..).skip(1).map(|(device, _)| *device);
+                after.chain(self.streams.range(..=last).map(|(device, _)| *device)).collect()
             }
             None => self.streams.keys().copied().collect(),
         };
@@ -375,9 +322,7 @@ impl Uplink {
                 continue;
             }
             stream.paused_until = None;
-            if stream.in_flight.len() >= config.batches_in_flight_max
-                || stream.next > stream.known_high
-            {
+            if stream.in_flight.len() >= config.batches_in_flight_max || stream.next > stream.known_high {
                 continue;
             }
             let Some(mut batch) = store.read(&device, stream.next, config.batch_events_max)? else {
@@ -386,9 +331,7 @@ impl Uplink {
                 continue;
             };
             // Keep the frame under the size limit: large payloads mean fewer events per batch.
-            while batch.events.len() > 1
-                && Frame::Events(batch.clone()).encoded_len() > FRAME_BYTES_MAX
-            {
+            while batch.events.len() > 1 && Frame::Events(batch.clone()).encoded_len() > FRAME_BYTES_MAX {
                 let keep = batch.events.len() / 2;
                 batch.events.truncate(keep);
             }
@@ -415,10 +358,7 @@ impl Uplink {
         let resends_max = self.common.config.resends_max;
         let mut loops = Vec::new();
         for (device, stream) in &mut self.streams {
-            let expired = stream
-                .in_flight
-                .front()
-                .is_some_and(|(_, sent)| now.since(*sent) >= retransmit_ms);
+            let expired = stream.in_flight.front().is_some_and(|(_, sent)| now.since(*sent) >= retransmit_ms);
             if !expired {
                 continue;
             }
@@ -432,11 +372,7 @@ impl Uplink {
                 stream.resends = 1;
             }
             if stream.resends == resends_max {
-                loops.push(SessionEvent::ResendLoop {
-                    device: *device,
-                    from: stream.next,
-                    n_resends: stream.resends,
-                });
+                loops.push(SessionEvent::ResendLoop { device: *device, from: stream.next, n_resends: stream.resends });
             }
         }
         for event in loops {
@@ -450,14 +386,8 @@ impl Uplink {
         {
             self.stall_reported = true;
             #[cfg(feature = "std")]
-            tracing::warn!(
-                backlog = self.backlog_events,
-                "sync stalled: nothing acknowledged"
-            );
-            self.common.emit(SessionEvent::Stalled {
-                since: self.last_progress,
-                backlog_events: self.backlog_events,
-            });
+            tracing::warn!(backlog = self.backlog_events, "sync stalled: nothing acknowledged");
+            self.common.emit(SessionEvent::Stalled { since: self.last_progress, backlog_events: self.backlog_events });
         }
     }
 

@@ -22,8 +22,7 @@ use alloc::vec::Vec;
 
 use super::codec::{put_str, put_varint, zigzag, Reader};
 use crate::event::{
-    BodyError, DeviceId, Event, EventId, EventKind, Hlc, Millis, NameError, Payload, SensorReading,
-    Seq,
+    BodyError, DeviceId, Event, EventId, EventKind, Hlc, Millis, NameError, Payload, SensorReading, Seq,
 };
 
 /// Most events in one batch.
@@ -147,11 +146,7 @@ impl EventBatch {
     /// A batch of `events`, checked: non-empty, at most [`BATCH_EVENTS_MAX`], all of `device`,
     /// seqs contiguous, and `from` (>= 1) not after the first.
     pub fn new(device: DeviceId, from: Seq, events: Vec<Event>) -> Result<Self, BatchError> {
-        let batch = Self {
-            device,
-            from,
-            events,
-        };
+        let batch = Self { device, from, events };
         batch.validate()?;
         Ok(batch)
     }
@@ -159,28 +154,19 @@ impl EventBatch {
     /// Checks the invariants listed on [`EventBatch::new`].
     pub fn validate(&self) -> Result<(), BatchError> {
         if self.events.is_empty() || self.events.len() > BATCH_EVENTS_MAX {
-            return Err(BatchError::EventCount {
-                n_events: self.events.len() as u64,
-            });
+            return Err(BatchError::EventCount { n_events: self.events.len() as u64 });
         }
         if self.from == Seq::ZERO {
             return Err(BatchError::SeqRange);
         }
         let first = self.events[0].id.seq;
         if self.from > first {
-            return Err(BatchError::FromAfterFirst {
-                from: self.from,
-                first,
-            });
+            return Err(BatchError::FromAfterFirst { from: self.from, first });
         }
         let mut expected = first;
         for event in &self.events {
             if event.id.device != self.device || event.id.seq != expected {
-                return Err(BatchError::NotContiguous {
-                    device: self.device,
-                    expected,
-                    id: event.id,
-                });
+                return Err(BatchError::NotContiguous { device: self.device, expected, id: event.id });
             }
             expected = Seq(expected.0.checked_add(1).ok_or(BatchError::SeqRange)?);
         }
@@ -212,17 +198,8 @@ impl EventBatch {
         if self.from > held {
             return Some(self.clone());
         }
-        let events: Vec<Event> = self
-            .events
-            .iter()
-            .filter(|event| event.id.seq > held)
-            .cloned()
-            .collect();
-        Some(EventBatch {
-            device: self.device,
-            from: held.next().max(self.from),
-            events,
-        })
+        let events: Vec<Event> = self.events.iter().filter(|event| event.id.seq > held).cloned().collect();
+        Some(EventBatch { device: self.device, from: held.next().max(self.from), events })
     }
 
     /// Appends the compact encoding to `out`.
@@ -252,16 +229,10 @@ impl EventBatch {
         let mut previous_wall_ms: u64 = 0;
         let mut previous_scaled: Vec<Option<(u8, i64)>> = alloc::vec![None; pairs.len()];
         for event in &self.events {
-            put_varint(
-                out,
-                zigzag(event.hlc.wall_ms.wrapping_sub(previous_wall_ms) as i64),
-            );
+            put_varint(out, zigzag(event.hlc.wall_ms.wrapping_sub(previous_wall_ms) as i64));
             previous_wall_ms = event.hlc.wall_ms;
             put_varint(out, u64::from(event.hlc.logical));
-            put_varint(
-                out,
-                zigzag(event.event_time.0.wrapping_sub(event.hlc.wall_ms) as i64),
-            );
+            put_varint(out, zigzag(event.event_time.0.wrapping_sub(event.hlc.wall_ms) as i64));
             match &event.payload {
                 Payload::Reading(reading) => {
                     let index = pair_index[&(reading.sensor.as_str(), reading.unit.as_str())];
@@ -271,11 +242,7 @@ impl EventBatch {
                             out.push(CODE_READING_SCALED + scale);
                             put_varint(out, index);
                             let base = match previous {
-                                Some((previous_scale, previous_int))
-                                    if *previous_scale == scale =>
-                                {
-                                    *previous_int
-                                }
+                                Some((previous_scale, previous_int)) if *previous_scale == scale => *previous_int,
                                 _ => 0,
                             };
                             put_varint(out, zigzag(int.wrapping_sub(base)));
@@ -307,10 +274,7 @@ impl EventBatch {
         let mut reader = Reader::new(bytes);
         let device = DeviceId::new(reader.str()?)?;
         let from = Seq(reader.varint()?);
-        let first = Seq(from
-            .0
-            .checked_add(reader.varint()?)
-            .ok_or(BatchError::SeqRange)?);
+        let first = Seq(from.0.checked_add(reader.varint()?).ok_or(BatchError::SeqRange)?);
         let n_events = reader.varint()?;
         if n_events == 0 || n_events > BATCH_EVENTS_MAX as u64 {
             return Err(BatchError::EventCount { n_events });
@@ -321,9 +285,7 @@ impl EventBatch {
         // Every row takes at least 4 bytes, so a count the input cannot hold is refused before
         // anything is allocated for it.
         if n_events.saturating_mul(4) > reader.remaining() as u64 {
-            return Err(BatchError::Truncated {
-                offset: reader.offset(),
-            });
+            return Err(BatchError::Truncated { offset: reader.offset() });
         }
         let n_pairs = reader.varint()?;
         if n_pairs > n_events {
@@ -340,9 +302,8 @@ impl EventBatch {
         for row in 0..n_events as usize {
             let wall_ms = previous_wall_ms.wrapping_add(reader.zigzag()? as u64);
             previous_wall_ms = wall_ms;
-            let logical = u32::try_from(reader.varint()?).map_err(|_| BatchError::Varint {
-                offset: reader.offset(),
-            })?;
+            let logical =
+                u32::try_from(reader.varint()?).map_err(|_| BatchError::Varint { offset: reader.offset() })?;
             let event_time = Millis(wall_ms.wrapping_add(reader.zigzag()? as u64));
             let code = reader.u8()?;
             let payload = match code {
@@ -357,9 +318,7 @@ impl EventBatch {
                     let delta = reader.zigzag()?;
                     let previous = &mut previous_scaled[index];
                     let base = match previous {
-                        Some((previous_scale, previous_int)) if *previous_scale == scale => {
-                            *previous_int
-                        }
+                        Some((previous_scale, previous_int)) if *previous_scale == scale => *previous_int,
                         _ => 0,
                     };
                     let int = base.wrapping_add(delta);
@@ -367,10 +326,8 @@ impl EventBatch {
                     reading(pairs[index], int as f64 / POW10[usize::from(scale)])
                 }
                 CODE_OTHER => {
-                    let kind = u16::try_from(reader.varint()?)
-                        .map_err(|_| BatchError::KindRange { row })?;
-                    let schema_version = u16::try_from(reader.varint()?)
-                        .map_err(|_| BatchError::KindRange { row })?;
+                    let kind = u16::try_from(reader.varint()?).map_err(|_| BatchError::KindRange { row })?;
+                    let schema_version = u16::try_from(reader.varint()?).map_err(|_| BatchError::KindRange { row })?;
                     let len = reader.len_within_input()?;
                     let body = reader.bytes(len)?;
                     Payload::decode_body(EventKind::from_tag(kind), schema_version, body)
@@ -379,41 +336,26 @@ impl EventBatch {
                 code => return Err(BatchError::RowCode { row, code }),
             };
             events.push(Event {
-                id: EventId {
-                    device,
-                    seq: Seq(first.0 + row as u64),
-                },
+                id: EventId { device, seq: Seq(first.0 + row as u64) },
                 hlc: Hlc { wall_ms, logical },
                 event_time,
                 payload,
             });
         }
-        Ok(EventBatch {
-            device,
-            from,
-            events,
-        })
+        Ok(EventBatch { device, from, events })
     }
 }
 
 fn pair(reader: &mut Reader<'_>, row: usize, n_pairs: usize) -> Result<usize, BatchError> {
     let index = reader.varint()?;
     if index >= n_pairs as u64 {
-        return Err(BatchError::PairIndex {
-            row,
-            index,
-            n_pairs,
-        });
+        return Err(BatchError::PairIndex { row, index, n_pairs });
     }
     Ok(index as usize)
 }
 
 fn reading((sensor, unit): (&str, &str), value: f64) -> Payload {
-    Payload::Reading(SensorReading {
-        sensor: String::from(sensor),
-        value,
-        unit: String::from(unit),
-    })
+    Payload::Reading(SensorReading { sensor: String::from(sensor), value, unit: String::from(unit) })
 }
 
 /// The smallest `k` with `value == int / 10^k` exactly (bit for bit), if there is one in 0..=9.
@@ -430,11 +372,7 @@ fn decimal_scale(value: f64) -> Option<(u8, i64)> {
         }
         // Round half away from zero without `f64::round`, which core lacks; the exactness check
         // below makes any candidate safe.
-        let int = if scaled >= 0.0 {
-            (scaled + 0.5) as i64
-        } else {
-            (scaled - 0.5) as i64
-        };
+        let int = if scaled >= 0.0 { (scaled + 0.5) as i64 } else { (scaled - 0.5) as i64 };
         if (int as f64 / POW10[usize::from(scale)]).to_bits() == value.to_bits() {
             return Some((scale, int));
         }

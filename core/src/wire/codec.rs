@@ -39,18 +39,12 @@ pub(crate) fn read_length_prefix(bytes: &[u8]) -> Result<LengthPrefix, DecodeErr
         value |= u64::from(byte & 0x7f) << (7 * index);
         if byte & 0x80 == 0 {
             if value > FRAME_BYTES_MAX as u64 {
-                return Err(DecodeError::FrameTooLarge {
-                    len_bytes: value,
-                    max_bytes: FRAME_BYTES_MAX,
-                });
+                return Err(DecodeError::FrameTooLarge { len_bytes: value, max_bytes: FRAME_BYTES_MAX });
             }
             if value == 0 {
                 return Err(DecodeError::Empty);
             }
-            return Ok(LengthPrefix::Complete {
-                len: value as usize,
-                prefix_bytes: index + 1,
-            });
+            return Ok(LengthPrefix::Complete { len: value as usize, prefix_bytes: index + 1 });
         }
     }
     if bytes.len() >= LENGTH_PREFIX_BYTES_MAX {
@@ -58,10 +52,7 @@ pub(crate) fn read_length_prefix(bytes: &[u8]) -> Result<LengthPrefix, DecodeErr
     }
     // Even an incomplete prefix can already be too large: refuse early.
     if value > FRAME_BYTES_MAX as u64 {
-        return Err(DecodeError::FrameTooLarge {
-            len_bytes: value,
-            max_bytes: FRAME_BYTES_MAX,
-        });
+        return Err(DecodeError::FrameTooLarge { len_bytes: value, max_bytes: FRAME_BYTES_MAX });
     }
     Ok(LengthPrefix::Incomplete)
 }
@@ -82,10 +73,7 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn u8(&mut self) -> Result<u8, BatchError> {
-        let byte = *self
-            .bytes
-            .get(self.pos)
-            .ok_or(BatchError::Truncated { offset: self.pos })?;
+        let byte = *self.bytes.get(self.pos).ok_or(BatchError::Truncated { offset: self.pos })?;
         self.pos += 1;
         Ok(byte)
     }
@@ -122,10 +110,7 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn bytes(&mut self, len: usize) -> Result<&'a [u8], BatchError> {
-        let end = self
-            .pos
-            .checked_add(len)
-            .filter(|end| *end <= self.bytes.len());
+        let end = self.pos.checked_add(len).filter(|end| *end <= self.bytes.len());
         let end = end.ok_or(BatchError::Truncated { offset: self.pos })?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
