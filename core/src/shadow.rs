@@ -237,9 +237,9 @@ impl Shadow {
         let mut trial_state = peer.state.clone();
         trial.sync().receive_sync_message(&mut trial_state, message)?;
         let changed = trial.get_heads() != heads_before;
-        if changed {
-            self.accept(trial)?;
-        }
+        // Accept the document even when its heads did not move: automerge may have queued changes
+        // whose dependencies are still missing, and the sync state now counts them as received.
+        self.accept(trial)?;
         peer.state = trial_state;
         Ok(changed)
     }

@@ -161,10 +161,20 @@ fn an_oversized_length_is_refused_before_the_body_arrives() {
 
 #[test]
 fn a_truncated_frame_waits_for_more_bytes() {
-    let frame = Frame::Events(EventBatch::new(device("a"), Seq(1), one_hz_readings(3).into_iter().map(|mut event| {
-        event.id.device = device("a");
-        event
-    }).collect()).unwrap());
+    let frame = Frame::Events(
+        EventBatch::new(
+            device("a"),
+            Seq(1),
+            one_hz_readings(3)
+                .into_iter()
+                .map(|mut event| {
+                    event.id.device = device("a");
+                    event
+                })
+                .collect(),
+        )
+        .unwrap(),
+    );
     let bytes = frame.to_bytes();
     let mut decoder = FrameDecoder::new();
     decoder.push(&bytes[..bytes.len() - 1]);

@@ -265,7 +265,9 @@ fn resending_without_progress_is_reported_as_a_loop() {
     for _ in 0..100 {
         while uplink.poll_transmit(now, &mut on_device).unwrap().is_some() {}
         // Keep the link alive (keep-alives arrive) but never acknowledge.
-        uplink.handle_frame(now, Frame::KeepAlive(crate::wire::KeepAlive { backlog_events: 0 }), &mut on_device).unwrap();
+        uplink
+            .handle_frame(now, Frame::KeepAlive(crate::wire::KeepAlive { backlog_events: 0 }), &mut on_device)
+            .unwrap();
         now = uplink.poll_timeout().unwrap();
         uplink.handle_timeout(now);
         while let Some(event) = uplink.poll_event() {

@@ -89,7 +89,12 @@ pub fn arb_payload() -> impl Strategy<Value = Payload> {
 }
 
 pub fn arb_batch() -> impl Strategy<Value = EventBatch> {
-    (arb_device(), 1u64..1_000_000, 0u64..5, prop::collection::vec((any::<u64>(), any::<u32>(), any::<u64>(), arb_payload()), 1..40))
+    (
+        arb_device(),
+        1u64..1_000_000,
+        0u64..5,
+        prop::collection::vec((any::<u64>(), any::<u32>(), any::<u64>(), arb_payload()), 1..40),
+    )
         .prop_map(|(device, from, hole, rows)| {
             let first = from + hole;
             let events = rows
@@ -118,16 +123,26 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
     ];
     let ack = || (arb_device(), any::<u64>()).prop_map(|(device, up_to)| Ack { device, up_to: Seq(up_to) });
     prop_oneof![
-        (any::<u16>(), any::<u16>(), peer, arb_vv(), any::<u64>()).prop_map(|(protocol_min, protocol_max, peer, vv, wall)| {
-            Frame::Hello(Hello { protocol_min, protocol_max, peer, vv, wall: Millis(wall) })
-        }),
-        (any::<u16>(), arb_vv(), any::<u64>())
-            .prop_map(|(protocol, vv, wall)| Frame::Welcome(Welcome { protocol, vv, wall: Millis(wall) })),
+        (any::<u16>(), any::<u16>(), peer, arb_vv(), any::<u64>()).prop_map(
+            |(protocol_min, protocol_max, peer, vv, wall)| {
+                Frame::Hello(Hello { protocol_min, protocol_max, peer, vv, wall: Millis(wall) })
+            }
+        ),
+        (any::<u16>(), arb_vv(), any::<u64>()).prop_map(|(protocol, vv, wall)| Frame::Welcome(Welcome {
+            protocol,
+            vv,
+            wall: Millis(wall)
+        })),
         arb_batch().prop_map(Frame::Events),
         ack().prop_map(Frame::Custody),
         ack().prop_map(Frame::Commit),
         (arb_device(), any::<u64>(), any::<u32>()).prop_map(|(device, up_to, retry_after_ms)| {
-            Frame::Backpressure(Backpressure { device, up_to: Seq(up_to), retry_after_ms, reason: BackpressureReason::StoreFull })
+            Frame::Backpressure(Backpressure {
+                device,
+                up_to: Seq(up_to),
+                retry_after_ms,
+                reason: BackpressureReason::StoreFull,
+            })
         }),
         (arb_device(), prop::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(device, message)| Frame::ShadowSync(ShadowSync { device, message })),
