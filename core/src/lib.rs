@@ -58,6 +58,8 @@ extern crate alloc;
 
 pub mod event;
 #[cfg(feature = "alloc")]
+mod exact_bytes;
+#[cfg(feature = "alloc")]
 pub mod ledger;
 pub mod record;
 #[cfg(feature = "std")]

@@ -154,6 +154,7 @@ pub struct ShadowSync {
     /// Whose shadow.
     pub device: DeviceId,
     /// The automerge sync message bytes.
+    #[serde(with = "crate::exact_bytes")]
     pub message: Vec<u8>,
 }
 
@@ -340,12 +341,25 @@ impl Frame {
 
     /// Appends the frame, length prefix included, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        if let Frame::Events(batch) = self {
+            return Frame::encode_events(batch, out);
+        }
         let mut body = Vec::new();
         let tag = self.encode_body(&mut body);
         let len = body.len() + 1;
         debug_assert!(len <= FRAME_BYTES_MAX, "sessions bound what they put in a frame");
         codec::put_varint(out, len as u64);
         out.push(tag);
+        out.extend_from_slice(&body);
+    }
+
+    /// Appends an events frame for `batch` without taking ownership of it: the same bytes as
+    /// `Frame::Events(batch.clone()).encode(out)`, without the clone.
+    pub fn encode_events(batch: &EventBatch, out: &mut Vec<u8>) {
+        let mut body = Vec::with_capacity(16 + 8 * batch.events.len());
+        batch.encode(&mut body);
+        codec::put_varint(out, body.len() as u64 + 1);
+        out.push(tag::EVENTS);
         out.extend_from_slice(&body);
     }
 
@@ -495,8 +509,8 @@ impl FrameDecoder {
             LengthPrefix::Incomplete => return Ok(None),
         };
         if pending.len() - prefix_bytes < len {
-            // Reserve for the rest of this frame only now that its length is known to be bounded.
-            self.buffer.reserve(len + prefix_bytes - pending.len());
+            // Nothing is reserved for the declared length: the buffer grows only with bytes that
+            // actually arrive, so a peer cannot make us allocate by merely claiming a size.
             return Ok(None);
         }
         let frame_bytes = &pending[prefix_bytes..prefix_bytes + len];

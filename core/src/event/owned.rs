@@ -192,6 +192,7 @@ pub struct AppPayload {
     /// A media type such as `application/cbor`: 1 to 127 bytes.
     pub content_type: String,
     /// The opaque bytes.
+    #[serde(with = "crate::exact_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -204,6 +205,7 @@ pub struct UnknownPayload {
     /// The schema version.
     pub schema_version: u16,
     /// The body, as its writer encoded it.
+    #[serde(with = "crate::exact_bytes")]
     pub body: Vec<u8>,
 }
 

@@ -209,17 +209,26 @@ impl EventBatch {
         put_varint(out, self.first_seq().0 - self.from.0);
         put_varint(out, self.events.len() as u64);
 
+        // Each reading's (sensor, unit) pair index, found once; runs of one sensor skip the map.
         let mut pair_index: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut pairs: Vec<(&str, &str)> = Vec::new();
+        let mut row_pairs: Vec<u64> = Vec::with_capacity(self.events.len());
+        let mut last_pair: Option<((&str, &str), u64)> = None;
         for event in &self.events {
             if let Payload::Reading(reading) = &event.payload {
                 let key = (reading.sensor.as_str(), reading.unit.as_str());
-                pair_index.entry(key).or_insert_with(|| {
-                    pairs.push(key);
-                    (pairs.len() - 1) as u64
-                });
+                let index = match last_pair {
+                    Some((last_key, index)) if last_key == key => index,
+                    _ => *pair_index.entry(key).or_insert_with(|| {
+                        pairs.push(key);
+                        (pairs.len() - 1) as u64
+                    }),
+                };
+                last_pair = Some((key, index));
+                row_pairs.push(index);
             }
         }
+        let mut row_pairs = row_pairs.into_iter();
         put_varint(out, pairs.len() as u64);
         for (sensor, unit) in &pairs {
             put_str(out, sensor);
@@ -235,9 +244,11 @@ impl EventBatch {
             put_varint(out, zigzag(event.event_time.0.wrapping_sub(event.hlc.wall_ms) as i64));
             match &event.payload {
                 Payload::Reading(reading) => {
-                    let index = pair_index[&(reading.sensor.as_str(), reading.unit.as_str())];
+                    // One index was pushed per reading above, in the same order.
+                    let index = row_pairs.next().unwrap_or_default();
                     let previous = &mut previous_scaled[index as usize];
-                    match decimal_scale(reading.value) {
+                    let hint = previous.map_or(0, |(scale, _)| scale);
+                    match decimal_scale(reading.value, hint) {
                         Some((scale, int)) => {
                             out.push(CODE_READING_SCALED + scale);
                             put_varint(out, index);
@@ -361,21 +372,28 @@ fn reading((sensor, unit): (&str, &str), value: f64) -> Payload {
 /// The smallest `k` with `value == int / 10^k` exactly (bit for bit), if there is one in 0..=9.
 /// Sensors report at a fixed decimal resolution, so consecutive readings then differ by small
 /// integers that take a byte or two instead of eight.
-fn decimal_scale(value: f64) -> Option<(u8, i64)> {
+/// `hint` is the scale tried first: the previous reading's of the same sensor. Keeping a run at
+/// one scale keeps its deltas small (a change of scale restarts from an absolute value), and a
+/// sensor keeps its resolution, so the first try usually succeeds. The choice depends only on
+/// the batch's own content, so encoding stays a pure function of the batch.
+fn decimal_scale(value: f64, hint: u8) -> Option<(u8, i64)> {
     if !value.is_finite() {
         return None;
     }
-    for scale in 0..=SCALE_MAX {
-        let scaled = value * POW10[usize::from(scale)];
-        if !(-EXACT_INT_MAX..=EXACT_INT_MAX).contains(&scaled) {
-            return None;
-        }
-        // Round half away from zero without `f64::round`, which core lacks; the exactness check
-        // below makes any candidate safe.
-        let int = if scaled >= 0.0 { (scaled + 0.5) as i64 } else { (scaled - 0.5) as i64 };
-        if (int as f64 / POW10[usize::from(scale)]).to_bits() == value.to_bits() {
-            return Some((scale, int));
-        }
+    if let Some(int) = scaled_int(value, hint.min(SCALE_MAX)) {
+        return Some((hint.min(SCALE_MAX), int));
     }
-    None
+    (0..=SCALE_MAX).find_map(|scale| scaled_int(value, scale).map(|int| (scale, int)))
+}
+
+/// `int` with `value == int / 10^scale` exactly, if there is one.
+fn scaled_int(value: f64, scale: u8) -> Option<i64> {
+    let scaled = value * POW10[usize::from(scale)];
+    if !(-EXACT_INT_MAX..=EXACT_INT_MAX).contains(&scaled) {
+        return None;
+    }
+    // Round half away from zero without `f64::round`, which core lacks; the exactness check
+    // below makes any candidate safe.
+    let int = if scaled >= 0.0 { (scaled + 0.5) as i64 } else { (scaled - 0.5) as i64 };
+    (((int as f64) / POW10[usize::from(scale)]).to_bits() == value.to_bits()).then_some(int)
 }
