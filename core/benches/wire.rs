@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use tidesync_core::event::{DeviceId, Event, EventId, Hlc, Millis, Payload, SensorReading, Seq};
 use tidesync_core::wire::{EventBatch, Frame};
 
@@ -112,5 +112,9 @@ fn bench_wire(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench_wire);
+#[allow(missing_docs)] // criterion_group! makes an undocumented public function.
+mod group {
+    criterion::criterion_group!(benches, super::bench_wire);
+}
+use group::benches;
 criterion_main!(benches);

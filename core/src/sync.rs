@@ -219,9 +219,9 @@ pub enum SessionError {
     Shadow {
         /// Whose shadow.
         device: DeviceId,
-        /// Why.
+        /// Why (boxed: automerge's errors are large and this path is cold).
         #[source]
-        source: ShadowError,
+        source: Box<ShadowError>,
     },
     /// The store failed.
     #[error(transparent)]
@@ -319,14 +319,16 @@ impl Common {
     /// Applies a peer's shadow sync message to the store's shadow.
     fn receive_shadow<S: Store + ?Sized>(&mut self, sync: ShadowSync, store: &mut S) -> Result<(), SessionError> {
         let device = sync.device;
-        let shadow =
-            store.shadow_mut(&device).map_err(|source| SessionError::Shadow { device, source })?.ok_or_else(|| {
-                SessionError::Unauthorized { reason: format!("this replica keeps no shadow of {device}") }
+        let shadow = store
+            .shadow_mut(&device)
+            .map_err(|source| SessionError::Shadow { device, source: Box::new(source) })?
+            .ok_or_else(|| SessionError::Unauthorized {
+                reason: format!("this replica keeps no shadow of {device}"),
             })?;
         let peer = self.shadows.entry(device).or_default();
         let changed = shadow
             .receive_sync_message(&mut peer.sync, &sync.message)
-            .map_err(|source| SessionError::Shadow { device, source })?;
+            .map_err(|source| SessionError::Shadow { device, source: Box::new(source) })?;
         peer.dirty = true;
         if changed {
             self.emit(SessionEvent::ShadowChanged { device });

@@ -108,10 +108,8 @@ pub enum BatchError {
     #[error("batch seqs are out of range")]
     SeqRange,
     /// An event of another device, or seqs that are not contiguous (when building a batch).
-    #[error("event {id} does not continue the batch of {device} at seq {expected}")]
+    #[error("event {id} does not continue the batch at seq {expected}")]
     NotContiguous {
-        /// The batch's device.
-        device: DeviceId,
         /// The seq expected next.
         expected: Seq,
         /// The event that broke the run.
@@ -166,7 +164,7 @@ impl EventBatch {
         let mut expected = first;
         for event in &self.events {
             if event.id.device != self.device || event.id.seq != expected {
-                return Err(BatchError::NotContiguous { device: self.device, expected, id: event.id });
+                return Err(BatchError::NotContiguous { expected, id: event.id });
             }
             expected = Seq(expected.0.checked_add(1).ok_or(BatchError::SeqRange)?);
         }

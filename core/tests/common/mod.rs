@@ -14,16 +14,16 @@ use tidesync_core::wire::{
     KeepAlive, Peer, ShadowSync, Welcome,
 };
 
-pub fn device(name: &str) -> DeviceId {
+pub(crate) fn device(name: &str) -> DeviceId {
     DeviceId::new(name).expect("test names are valid")
 }
 
-pub fn reading(sensor: &str, value: f64, unit: &str) -> Payload {
+pub(crate) fn reading(sensor: &str, value: f64, unit: &str) -> Payload {
     Payload::Reading(SensorReading { sensor: sensor.into(), value, unit: unit.into() })
 }
 
 /// `n` readings of one sensor at 1 Hz, as a device records them: slowly varying, 0.01 resolution.
-pub fn one_hz_readings(n: usize) -> Vec<Event> {
+pub(crate) fn one_hz_readings(n: usize) -> Vec<Event> {
     let device = device("pump-7");
     (0..n)
         .map(|index| {
@@ -40,11 +40,11 @@ pub fn one_hz_readings(n: usize) -> Vec<Event> {
         .collect()
 }
 
-pub fn arb_device() -> impl Strategy<Value = DeviceId> {
+pub(crate) fn arb_device() -> impl Strategy<Value = DeviceId> {
     "[a-z][a-z0-9._-]{0,10}".prop_map(|name| device(&name))
 }
 
-pub fn arb_value() -> impl Strategy<Value = Value> {
+pub(crate) fn arb_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -61,7 +61,7 @@ pub fn arb_value() -> impl Strategy<Value = Value> {
 }
 
 /// Finite values, mostly at a decimal resolution as sensors report them, some arbitrary.
-pub fn arb_reading_value() -> impl Strategy<Value = f64> {
+pub(crate) fn arb_reading_value() -> impl Strategy<Value = f64> {
     prop_oneof![
         (any::<i32>(), 0u32..6).prop_map(|(int, scale)| f64::from(int) / 10f64.powi(scale as i32)),
         any::<f64>().prop_filter("finite", |value| value.is_finite()),
@@ -71,7 +71,7 @@ pub fn arb_reading_value() -> impl Strategy<Value = f64> {
     ]
 }
 
-pub fn arb_payload() -> impl Strategy<Value = Payload> {
+pub(crate) fn arb_payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
         4 => ("[a-z.]{1,12}", arb_reading_value(), prop_oneof![Just("Cel"), Just("%"), Just("hPa"), Just("")])
             .prop_map(|(sensor, value, unit)| reading(&sensor, value, unit)),
@@ -88,7 +88,7 @@ pub fn arb_payload() -> impl Strategy<Value = Payload> {
     ]
 }
 
-pub fn arb_batch() -> impl Strategy<Value = EventBatch> {
+pub(crate) fn arb_batch() -> impl Strategy<Value = EventBatch> {
     (
         arb_device(),
         1u64..1_000_000,
@@ -111,12 +111,12 @@ pub fn arb_batch() -> impl Strategy<Value = EventBatch> {
         })
 }
 
-pub fn arb_vv() -> impl Strategy<Value = VersionVector> {
+pub(crate) fn arb_vv() -> impl Strategy<Value = VersionVector> {
     prop::collection::btree_map(arb_device(), 0u64..1_000, 0..5)
         .prop_map(|entries| entries.into_iter().map(|(device, seq)| (device, Seq(seq))).collect())
 }
 
-pub fn arb_frame() -> impl Strategy<Value = Frame> {
+pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
     let peer = prop_oneof![
         arb_device().prop_map(Peer::Device),
         "[a-z]{1,8}".prop_map(|name| Peer::Gateway(GatewayId::new(&name).expect("valid"))),

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every check and test of tidesync on a fresh machine: installs what is missing (the
+# Cortex-M target for the no_std build), then fmt, clippy with warnings denied, the no_std build
+# of core, the dependency rule of core, and every test of the workspace. Exits non-zero on the
+# first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_INCREMENTAL=0
+export RUSTFLAGS="-D warnings"
+export CARGO_TERM_COLOR=never
+step() { printf '\n=== %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+if ! rustup target list --installed 2>/dev/null | grep -qx thumbv7em-none-eabihf; then
+    rustup target add thumbv7em-none-eabihf
+fi
+if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
+if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (warnings denied)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "core builds as no_std for thumbv7em-none-eabihf"
+cargo build --locked -p tidesync-core --no-default-features --target thumbv7em-none-eabihf
+
+step "core depends on no IO crates without the net feature"
+if cargo tree --locked -p tidesync-core -e normal --prefix none | grep -E '^(tokio|rusqlite|quinn|quinn-proto|rustls) '; then
+    echo "tidesync-core pulls in an IO crate (see above)" >&2
+    exit 1
+fi
+
+step "tests"
+cargo test --workspace --locked --no-fail-fast
