@@ -107,6 +107,9 @@ impl PeerSync {
 pub struct Shadow {
     doc: AutoCommit,
     limits: ShadowLimits,
+    /// Heads at the last `save`/`save_incremental`. Kept here rather than in automerge's own
+    /// cursor, which every size check (a save) would move.
+    saved_heads: Vec<automerge::ChangeHash>,
 }
 
 impl Shadow {
@@ -120,7 +123,7 @@ impl Shadow {
         debug_assert!(genesis.is_ok(), "genesis puts on an empty document");
         doc.commit();
         doc.set_actor(ActorId::from(replica.as_bytes()));
-        Self { doc, limits }
+        Self { doc, limits, saved_heads: Vec::new() }
     }
 
     /// Loads a saved shadow (from [`Shadow::save`], possibly followed by incremental saves) and
@@ -128,7 +131,8 @@ impl Shadow {
     pub fn load(bytes: &[u8], replica: &str, limits: ShadowLimits) -> Result<Self, ShadowError> {
         let mut doc = AutoCommit::load(bytes)?;
         doc.set_actor(ActorId::from(replica.as_bytes()));
-        let shadow = Self { doc, limits };
+        let saved_heads = doc.get_heads();
+        let shadow = Self { doc, limits, saved_heads };
         shadow.section_id(Section::Reported)?;
         shadow.section_id(Section::Desired)?;
         Ok(shadow)
@@ -145,12 +149,15 @@ impl Shadow {
 
     /// The whole document, compacted.
     pub fn save(&mut self) -> Vec<u8> {
+        self.saved_heads = self.doc.get_heads();
         self.doc.save()
     }
 
     /// The changes since the last `save` or `save_incremental`; empty if none.
     pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.doc.save_incremental()
+        let bytes = self.doc.save_after(&self.saved_heads);
+        self.saved_heads = self.doc.get_heads();
+        bytes
     }
 
     /// The document's heads, for comparing replicas.
@@ -384,3 +391,6 @@ fn delta(desired: &Value, reported: &Value) -> Option<Value> {
         (wanted, _) => Some(wanted.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests;

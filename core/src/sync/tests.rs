@@ -277,3 +277,30 @@ fn resending_without_progress_is_reported_as_a_loop() {
     assert!(events.iter().any(|event| matches!(event, SessionEvent::ResendLoop { from: Seq(1), .. })));
     assert!(events.iter().any(|event| matches!(event, SessionEvent::Stalled { backlog_events: 2, .. })));
 }
+
+#[test]
+fn a_roaming_device_sends_a_new_gateway_only_what_it_lacks() {
+    let (mut on_device, mut gateway_a, mut gateway_b) = (device_store(), gateway_store(), gateway_store());
+    record(&mut on_device, 5);
+    check_sync(&mut on_device, &mut gateway_a, GatewayHost::Store, |_| true);
+    assert_eq!(gateway_a.ledger.events(&device()).count(), 5);
+    // The cloud committed what gateway A forwarded, and the device pruned it.
+    on_device.mark_committed(device(), Seq(5)).unwrap();
+    assert!(on_device.ledger.is_empty());
+    record(&mut on_device, 3);
+
+    let mut sent_seqs = Vec::new();
+    check_sync(&mut on_device, &mut gateway_b, GatewayHost::Store, |frame| {
+        if let Frame::Events(batch) = frame {
+            sent_seqs.extend(batch.events.iter().map(|event| event.id.seq.0));
+        }
+        true
+    });
+    assert_eq!(sent_seqs, vec![6, 7, 8], "only the uncommitted events travel");
+    assert_eq!(gateway_b.high(&device()), Seq(8));
+    assert_eq!(
+        gateway_b.ledger.holes(&device()),
+        vec![(Seq(1), Seq(5))],
+        "the committed seqs are covered, not waited for"
+    );
+}
