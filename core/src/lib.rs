@@ -61,6 +61,8 @@ pub mod event;
 mod exact_bytes;
 #[cfg(feature = "alloc")]
 pub mod ledger;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod record;
 #[cfg(feature = "std")]
 pub mod shadow;

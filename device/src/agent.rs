@@ -1,0 +1,214 @@
+//! `Agent`: the application API over a [`DeviceStore`] owned by one writer thread that turns
+//! concurrent producers' requests into group commits.
+//!
+//! Each request carries its own reply channel; the writer takes every request already queued
+//! (up to [`GROUP_EVENTS_MAX`] events), runs them in one SQLite transaction, commits (one fsync
+//! under `synchronous=FULL`), and only then answers each producer. So a producer's
+//! acknowledgement means its events are durable, and the cost of an fsync is shared by everyone
+//! who arrived while the previous one ran. Between requests the writer prunes committed events
+//! in small batches.
+
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tidesync_core::event::{DeviceId, EventId, Millis, Payload};
+use tidesync_core::value::Value;
+use tidesync_core::vv::SeqRange;
+
+use crate::error::StoreError;
+use crate::store::{DesiredWatch, DeviceStore, NewEvent, Status};
+
+/// Most requests waiting for the writer; producers beyond it block (backpressure).
+pub const QUEUE_REQUESTS_MAX: usize = 1024;
+/// Most events in one group commit, so one commit stays short and acknowledgements timely.
+pub const GROUP_EVENTS_MAX: usize = 8192;
+
+type Job = Box<dyn FnOnce(&mut DeviceStore) + Send>;
+
+enum Request {
+    Record { events: Vec<NewEvent>, reply: SyncSender<Result<SeqRange, StoreError>> },
+    Run(Job),
+}
+
+/// An acknowledgement to come: [`Pending::wait`] returns once the events are durable.
+#[derive(Debug)]
+pub struct Pending {
+    reply: Receiver<Result<SeqRange, StoreError>>,
+}
+
+impl Pending {
+    /// Waits for the commit that holds the events; returns their seqs.
+    pub fn wait(self) -> Result<SeqRange, StoreError> {
+        self.reply.recv().unwrap_or(Err(StoreError::AgentStopped))
+    }
+}
+
+/// The device agent's handle. Cheap to share by reference across threads (`Sync`).
+#[derive(Debug)]
+pub struct Agent {
+    requests: Option<SyncSender<Request>>,
+    writer: Option<JoinHandle<DeviceStore>>,
+    device: DeviceId,
+}
+
+/// The wall clock, in ms since the Unix epoch (0 if the clock reads before 1970: the HLC then
+/// keeps order by its logical part).
+pub fn wall_now() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64))
+}
+
+impl Agent {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: DeviceStore) -> Result<Agent, StoreError> {
+        let device = store.device();
+        let (requests, queue) = mpsc::sync_channel(QUEUE_REQUESTS_MAX);
+        let writer = std::thread::Builder::new()
+            .name("tidesync-writer".to_string())
+            .spawn(move || writer_loop(store, queue))
+            .map_err(|source| StoreError::Io { path: "tidesync-writer thread".into(), source })?;
+        Ok(Agent { requests: Some(requests), writer: Some(writer), device })
+    }
+
+    /// This agent's device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    fn send(&self, request: Request) -> Result<(), StoreError> {
+        self.requests.as_ref().ok_or(StoreError::AgentStopped)?.send(request).map_err(|_| StoreError::AgentStopped)
+    }
+
+    /// Queues `events` as one all-or-nothing unit without waiting for the commit.
+    pub fn submit(&self, events: Vec<NewEvent>) -> Result<Pending, StoreError> {
+        let (reply, pending) = mpsc::sync_channel(1);
+        self.send(Request::Record { events, reply })?;
+        Ok(Pending { reply: pending })
+    }
+
+    /// Records one event and returns once it is durable.
+    pub fn record(&self, event_time: Millis, payload: &Payload) -> Result<EventId, StoreError> {
+        let recorded = self.submit(vec![NewEvent::new(event_time, payload)?])?.wait()?;
+        Ok(EventId { device: self.device, seq: recorded.first })
+    }
+
+    /// Records a batch as one all-or-nothing unit and returns once it is durable. Every payload
+    /// is validated first; one invalid payload records nothing.
+    pub fn record_batch(&self, items: &[(Millis, Payload)]) -> Result<SeqRange, StoreError> {
+        let events =
+            items.iter().map(|(event_time, payload)| NewEvent::new(*event_time, payload)).collect::<Result<_, _>>()?;
+        self.submit(events)?.wait()
+    }
+
+    /// Runs `job` on the writer thread with the store, between group commits, and returns its
+    /// result. The uplink driver uses this to run core's sessions on the store.
+    pub fn with_store<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut DeviceStore) -> R + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(Request::Run(Box::new(move |store| {
+            let _ = reply.send(job(store));
+        })))?;
+        answer.recv().map_err(|_| StoreError::AgentStopped)
+    }
+
+    /// Sets `key` of the reported shadow and records the `shadow_reported` event, atomically.
+    pub fn report(&self, key: &str, value: Value) -> Result<EventId, StoreError> {
+        let key = key.to_string();
+        self.with_store(move |store| store.report(wall_now(), &key, &value))?
+    }
+
+    /// The desired section of the shadow.
+    pub fn desired(&self) -> Result<Value, StoreError> {
+        self.with_store(|store| store.shadow().desired())
+    }
+
+    /// The whole shadow as JSON: reported, desired and delta.
+    pub fn shadow_json(&self) -> Result<serde_json::Value, StoreError> {
+        self.with_store(|store| store.shadow().to_json())
+    }
+
+    /// A watch on desired-state changes.
+    pub fn watch_desired(&self) -> Result<DesiredWatch, StoreError> {
+        self.with_store(DeviceStore::watch_desired)
+    }
+
+    /// Next seq, backlog, watermarks, database size.
+    pub fn status(&self) -> Result<Status, StoreError> {
+        self.with_store(|store| store.status())?
+    }
+
+    /// Stops the writer after the queued requests and hands the store back.
+    pub fn close(mut self) -> Result<DeviceStore, StoreError> {
+        self.requests = None;
+        let writer = self.writer.take().ok_or(StoreError::AgentStopped)?;
+        writer.join().map_err(|_| StoreError::AgentStopped)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>) -> DeviceStore {
+    let mut held_back: Option<Request> = None;
+    // After a pruning failure, wait for the next request instead of retrying in a busy loop.
+    let mut prune_ok = true;
+    loop {
+        let request = match held_back.take() {
+            Some(request) => request,
+            None if prune_ok && store.prune_pending() => match queue.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Empty) => {
+                    if let Err(error) = store.prune_step() {
+                        tracing::warn!(%error, "pruning committed events failed");
+                        prune_ok = false;
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            },
+            None => match queue.recv() {
+                Ok(request) => request,
+                Err(_) => break,
+            },
+        };
+        prune_ok = true;
+        match request {
+            Request::Run(job) => job(&mut store),
+            Request::Record { events, reply } => {
+                let mut n_events = events.len();
+                let mut group = vec![(events, reply)];
+                while n_events < GROUP_EVENTS_MAX {
+                    match queue.try_recv() {
+                        Ok(Request::Record { events, reply }) => {
+                            n_events += events.len();
+                            group.push((events, reply));
+                        }
+                        Ok(other) => {
+                            held_back = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let requests: Vec<&[NewEvent]> = group.iter().map(|(events, _)| events.as_slice()).collect();
+                let results = store.record_group(wall_now(), &requests);
+                for ((_, reply), result) in group.into_iter().zip(results) {
+                    // A producer that stopped waiting has nothing to be told.
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+    store
+}
+
+#[cfg(test)]
+mod tests;
