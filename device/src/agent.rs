@@ -17,7 +17,7 @@ use tidesync_core::value::Value;
 use tidesync_core::vv::SeqRange;
 
 use crate::error::StoreError;
-use crate::store::{DesiredWatch, DeviceStore, NewEvent, Status};
+use crate::store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};
 
 /// Most requests waiting for the writer; producers beyond it block (backpressure).
 pub const QUEUE_REQUESTS_MAX: usize = 1024;
@@ -27,7 +27,7 @@ pub const GROUP_EVENTS_MAX: usize = 8192;
 type Job = Box<dyn FnOnce(&mut DeviceStore) + Send>;
 
 enum Request {
-    Record { events: Vec<NewEvent>, reply: SyncSender<Result<SeqRange, StoreError>> },
+    Record { events: Vec<NewEvent>, source: Option<(String, u64)>, reply: SyncSender<Result<SeqRange, StoreError>> },
     Run(Job),
 }
 
@@ -82,8 +82,28 @@ impl Agent {
     /// Queues `events` as one all-or-nothing unit without waiting for the commit.
     pub fn submit(&self, events: Vec<NewEvent>) -> Result<Pending, StoreError> {
         let (reply, pending) = mpsc::sync_channel(1);
-        self.send(Request::Record { events, reply })?;
+        self.send(Request::Record { events, source: None, reply })?;
         Ok(Pending { reply: pending })
+    }
+
+    /// Queues `events` that bring the ledger up to record `source_high` of an outside `source`
+    /// (the firmware's log); the events and the source's watermark commit together. A request at
+    /// or below the watermark fails with [`StoreError::AlreadyRecorded`] and writes nothing.
+    pub fn submit_from_source(
+        &self,
+        source: String,
+        source_high: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<Pending, StoreError> {
+        let (reply, pending) = mpsc::sync_channel(1);
+        self.send(Request::Record { events, source: Some((source, source_high)), reply })?;
+        Ok(Pending { reply: pending })
+    }
+
+    /// The highest record of `source` the ledger holds (0 if none).
+    pub fn source_high(&self, source: &str) -> Result<u64, StoreError> {
+        let source = source.to_string();
+        self.with_store(move |store| store.source_high(&source))?
     }
 
     /// Records one event and returns once it is durable.
@@ -182,14 +202,14 @@ fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>) -> DeviceStore 
         prune_ok = true;
         match request {
             Request::Run(job) => job(&mut store),
-            Request::Record { events, reply } => {
+            Request::Record { events, source, reply } => {
                 let mut n_events = events.len();
-                let mut group = vec![(events, reply)];
+                let mut group = vec![(events, source, reply)];
                 while n_events < GROUP_EVENTS_MAX {
                     match queue.try_recv() {
-                        Ok(Request::Record { events, reply }) => {
+                        Ok(Request::Record { events, source, reply }) => {
                             n_events += events.len();
-                            group.push((events, reply));
+                            group.push((events, source, reply));
                         }
                         Ok(other) => {
                             held_back = Some(other);
@@ -198,9 +218,15 @@ fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>) -> DeviceStore 
                         Err(_) => break,
                     }
                 }
-                let requests: Vec<&[NewEvent]> = group.iter().map(|(events, _)| events.as_slice()).collect();
+                let requests: Vec<RecordRequest<'_>> = group
+                    .iter()
+                    .map(|(events, source, _)| RecordRequest {
+                        events,
+                        source: source.as_ref().map(|(name, high)| (name.as_str(), *high)),
+                    })
+                    .collect();
                 let results = store.record_group(wall_now(), &requests);
-                for ((_, reply), result) in group.into_iter().zip(results) {
+                for ((_, _, reply), result) in group.into_iter().zip(results) {
                     // A producer that stopped waiting has nothing to be told.
                     let _ = reply.send(result);
                 }

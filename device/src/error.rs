@@ -81,6 +81,15 @@ pub enum StoreError {
         /// The value found.
         value: i64,
     },
+    /// The records of an outside source (the firmware) up to `high` are already in the ledger;
+    /// nothing was written. The sender should be acknowledged again.
+    #[error("records of source {origin:?} up to {high} are already recorded")]
+    AlreadyRecorded {
+        /// The source (e.g. the serial link's firmware log).
+        origin: String,
+        /// The highest record of it the ledger holds.
+        high: u64,
+    },
     /// The device ledger holds only its own device's events.
     #[error("this ledger belongs to {own} and cannot hold events of {device}")]
     ForeignDevice {

@@ -21,4 +21,4 @@ pub mod store;
 pub use agent::{Agent, Pending};
 pub use config::{Config, FullPolicy, LedgerConfig, Synchronous};
 pub use error::StoreError;
-pub use store::{DesiredWatch, DeviceStore, NewEvent, Status};
+pub use store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};

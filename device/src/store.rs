@@ -82,6 +82,10 @@ CREATE TABLE watermarks (
     seq      INTEGER NOT NULL,
     PRIMARY KEY (upstream, kind)
 ) STRICT;
+CREATE TABLE sources (
+    source TEXT    PRIMARY KEY NOT NULL,
+    high   INTEGER NOT NULL
+) STRICT;
 CREATE TABLE shadow_saves (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,
     full  INTEGER NOT NULL,
@@ -120,6 +124,23 @@ impl NewEvent {
     /// What the event counts against the byte budget.
     pub fn cost_bytes(&self) -> u64 {
         self.body.len() as u64 + EVENT_ROW_OVERHEAD_BYTES
+    }
+}
+
+/// A group-commit request: events, and optionally the position in an outside source (the
+/// firmware's record counter) that they bring the ledger up to, written in the same transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordRequest<'a> {
+    /// The events, one all-or-nothing unit.
+    pub events: &'a [NewEvent],
+    /// `(source, high)`: after this request the ledger holds the source's records up to `high`.
+    pub source: Option<(&'a str, u64)>,
+}
+
+impl<'a> RecordRequest<'a> {
+    /// Events produced on this device, with no outside source.
+    pub fn local(events: &'a [NewEvent]) -> Self {
+        Self { events, source: None }
     }
 }
 
@@ -370,19 +391,42 @@ impl DeviceStore {
     /// Records `events` as one all-or-nothing unit, stamped with the wall clock `wall`. Returns
     /// the seqs they got.
     pub fn record(&mut self, wall: Millis, events: &[NewEvent]) -> Result<SeqRange, StoreError> {
-        let mut results = self.record_group(wall, &[events]);
+        let mut results = self.record_group(wall, &[RecordRequest::local(events)]);
         results.pop().unwrap_or(Err(StoreError::AgentStopped))
+    }
+
+    /// Records `events` that bring the ledger up to record `source_high` of `source`, in one
+    /// transaction with the source's watermark, so a record re-sent after a lost acknowledgement
+    /// is refused with [`StoreError::AlreadyRecorded`] instead of stored twice.
+    pub fn record_from_source(
+        &mut self,
+        wall: Millis,
+        source: &str,
+        source_high: u64,
+        events: &[NewEvent],
+    ) -> Result<SeqRange, StoreError> {
+        let mut results = self.record_group(wall, &[RecordRequest { events, source: Some((source, source_high)) }]);
+        results.pop().unwrap_or(Err(StoreError::AgentStopped))
+    }
+
+    /// The highest record of `source` the ledger holds (0 if none).
+    pub fn source_high(&self, source: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .query_row("SELECT high FROM sources WHERE source = ?1", params![source], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0))
     }
 
     /// Records several producers' requests in one transaction (a group commit): one result per
     /// request, in order. A request the ledger refuses (budget full) fails alone and writes
     /// nothing; an SQLite failure fails them all and writes nothing.
-    pub fn record_group(&mut self, wall: Millis, requests: &[&[NewEvent]]) -> Vec<Result<SeqRange, StoreError>> {
+    pub fn record_group(&mut self, wall: Millis, requests: &[RecordRequest<'_>]) -> Vec<Result<SeqRange, StoreError>> {
         let before = self.state;
         let outcome = self.begin().and_then(|()| {
             let mut results = Vec::with_capacity(requests.len());
-            for events in requests {
-                results.push(self.record_in_tx(wall, events)?);
+            for request in requests {
+                results.push(self.record_request_in_tx(wall, request)?);
             }
             self.write_state()?;
             self.db.execute_batch("COMMIT")?;
@@ -634,6 +678,31 @@ impl DeviceStore {
         // A failed COMMIT may already have ended the transaction; then there is nothing to undo.
         let _ = self.db.execute_batch("ROLLBACK");
         self.state = before;
+    }
+
+    /// One request inside the open transaction: check and raise its source watermark, then record.
+    fn record_request_in_tx(&mut self, wall: Millis, request: &RecordRequest<'_>) -> TxResult<SeqRange> {
+        let Some((source, source_high)) = request.source else {
+            return self.record_in_tx(wall, request.events);
+        };
+        let held: u64 = self
+            .db
+            .query_row("SELECT high FROM sources WHERE source = ?1", params![source], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if source_high <= held {
+            return Ok(Err(StoreError::AlreadyRecorded { origin: source.to_string(), high: held }));
+        }
+        let recorded = match self.record_in_tx(wall, request.events)? {
+            Ok(recorded) => recorded,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        self.db.execute(
+            "INSERT INTO sources (source, high) VALUES (?1, ?2)
+             ON CONFLICT (source) DO UPDATE SET high = max(high, excluded.high)",
+            params![source, source_high],
+        )?;
+        Ok(Ok(recorded))
     }
 
     /// One request inside the open transaction: make room, then insert.
