@@ -6,4 +6,5 @@
 //! sessions with these pieces: read a frame, `handle_frame`, `poll_transmit`, write.
 
 pub mod pki;
+pub mod quic;
 pub mod tls;

@@ -31,6 +31,16 @@ pub enum Identity {
     Cloud,
 }
 
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Device(device) => write!(f, "device {device}"),
+            Identity::Gateway(gateway) => write!(f, "gateway {gateway}"),
+            Identity::Cloud => write!(f, "cloud"),
+        }
+    }
+}
+
 impl Identity {
     fn uri(&self) -> String {
         match self {
@@ -231,4 +241,28 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
         }
     }
     Err(PkiError::NoIdentity)
+}
+
+/// The serial number of a certificate (DER), as issued by [`FleetCa::issue`].
+pub fn serial_of(cert_der: &[u8]) -> Result<u64, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|error| PkiError::Parse(error.to_string()))?;
+    let bytes = cert.raw_serial();
+    // DER may prefix a zero byte to keep the integer positive; more than 8 significant bytes are
+    // not a serial we issued.
+    let significant: Vec<u8> = bytes.iter().copied().skip_while(|byte| *byte == 0).collect();
+    if significant.len() > 8 {
+        return Err(PkiError::Parse(format!("serial number of {} bytes is not a fleet serial", bytes.len())));
+    }
+    Ok(significant.iter().fold(0u64, |serial, byte| (serial << 8) | u64::from(*byte)))
+}
+
+/// The DER bytes of the first certificate in `pem`.
+pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| PkiError::Parse("no certificate in PEM".into()))?
+        .map(|cert| cert.to_vec())
+        .map_err(|error| PkiError::Parse(error.to_string()))
 }

@@ -8,11 +8,15 @@
 
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+
+use super::pki;
 
 /// ALPN protocol id of the tidesync sync protocol, version 1.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -94,9 +98,10 @@ fn roots(credentials: &Credentials) -> Result<Arc<RootCertStore>, TlsError> {
 
 /// A server configuration that requires and verifies client certificates.
 pub fn server_config(credentials: &Credentials) -> Result<ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(credentials)?, provider())
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(credentials)?, provider())
         .with_crls(crls(credentials)?)
         .build()?;
+    let verifier = Arc::new(LoggingClientVerifier { inner });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -108,14 +113,148 @@ pub fn server_config(credentials: &Credentials) -> Result<ServerConfig, TlsError
 
 /// A client configuration that presents this node's certificate and verifies the server's.
 pub fn client_config(credentials: &Credentials) -> Result<ClientConfig, TlsError> {
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots(credentials)?, provider())
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(credentials)?, provider())
         .with_crls(crls(credentials)?)
         .build()?;
+    let verifier = Arc::new(LoggingServerVerifier { inner });
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_webpki_verifier(verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs("certificate", &credentials.cert_pem)?, key(&credentials.key_pem)?)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.enable_early_data = false;
     Ok(config)
+}
+
+/// Why a peer's certificate was refused, in words for an operator: the tidesync identity it names
+/// (when it parses) and what was wrong with it.
+pub fn refusal(cert_der: &[u8], error: &rustls::Error) -> String {
+    let holder = match pki::identity_of(cert_der) {
+        Ok(identity) => format!("{identity}"),
+        Err(_) => "a certificate without a tidesync identity".to_string(),
+    };
+    let reason = match error {
+        rustls::Error::InvalidCertificate(cert_error) => match cert_error {
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
+                "it has expired".to_string()
+            }
+            rustls::CertificateError::NotValidYet | rustls::CertificateError::NotValidYetContext { .. } => {
+                "it is not valid yet".to_string()
+            }
+            rustls::CertificateError::Revoked => "it is on the fleet revocation list".to_string(),
+            rustls::CertificateError::UnknownIssuer => "it was not issued by the fleet CA".to_string(),
+            rustls::CertificateError::UnknownRevocationStatus => {
+                "no revocation list of its issuer covers it (not issued by the fleet CA?)".to_string()
+            }
+            rustls::CertificateError::ExpiredRevocationList
+            | rustls::CertificateError::ExpiredRevocationListContext { .. } => {
+                "the fleet revocation list has expired: issue a new one".to_string()
+            }
+            rustls::CertificateError::BadSignature => "its signature does not verify".to_string(),
+            rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
+                "it does not name the expected server".to_string()
+            }
+            other => format!("{other:?}"),
+        },
+        other => other.to_string(),
+    };
+    format!("refused {holder}: {reason}")
+}
+
+/// The webpki client verifier, plus a log line saying who was refused and why: rustls alone only
+/// tells the peer, and an operator needs to see revoked or expired devices knocking.
+#[derive(Debug)]
+struct LoggingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for LoggingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now).inspect_err(|error| {
+            tracing::warn!(peer = "client", "tls: {}", refusal(end_entity, error));
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The webpki server verifier with the same log line as [`LoggingClientVerifier`].
+#[derive(Debug)]
+struct LoggingServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for LoggingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now).inspect_err(|error| {
+            tracing::warn!(peer = "server", "tls: {}", refusal(end_entity, error));
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
