@@ -1,6 +1,9 @@
 //! The `tidesync-device` command line, run as a real process on a real data dir: init, record
 //! (all-or-nothing and `--follow`), status, shadow get/report, export, and its errors.
 
+// Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -6,6 +6,9 @@
 //! `TIDESYNC_CRASH_KILLS` sets the number of kills (default 50); `TIDESYNC_CRASH_SEED` the seed
 //! of the kill moments (printed, so a failure can be replayed).
 
+// Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -6,6 +6,9 @@
 //! unless it was committed, custody-acknowledged, or (under `drop-oldest`) named by a gap event;
 //! a restart changes nothing observable and the clock never goes back.
 
+// Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
