@@ -9,12 +9,14 @@
 //! in small batches.
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tidesync_core::event::{DeviceId, EventId, Millis, Payload};
 use tidesync_core::value::Value;
 use tidesync_core::vv::SeqRange;
+use tokio::sync::Notify;
 
 use crate::error::StoreError;
 use crate::store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};
@@ -47,6 +49,8 @@ impl Pending {
 /// The device agent's handle. Cheap to share by reference across threads (`Sync`).
 #[derive(Debug)]
 pub struct Agent {
+    /// Poked after every group commit and local shadow edit, so the uplink sends without polling.
+    changed: Arc<Notify>,
     requests: Option<SyncSender<Request>>,
     writer: Option<JoinHandle<DeviceStore>>,
     device: DeviceId,
@@ -63,11 +67,18 @@ impl Agent {
     pub fn start(store: DeviceStore) -> Result<Agent, StoreError> {
         let device = store.device();
         let (requests, queue) = mpsc::sync_channel(QUEUE_REQUESTS_MAX);
+        let changed = Arc::new(Notify::new());
+        let writer_changed = Arc::clone(&changed);
         let writer = std::thread::Builder::new()
             .name("tidesync-writer".to_string())
-            .spawn(move || writer_loop(store, queue))
+            .spawn(move || writer_loop(store, queue, &writer_changed))
             .map_err(|source| StoreError::Io { path: "tidesync-writer thread".into(), source })?;
-        Ok(Agent { requests: Some(requests), writer: Some(writer), device })
+        Ok(Agent { changed, requests: Some(requests), writer: Some(writer), device })
+    }
+
+    /// Notified after new events are durable or the shadow was edited locally.
+    pub fn changed(&self) -> Arc<Notify> {
+        Arc::clone(&self.changed)
     }
 
     /// This agent's device.
@@ -136,7 +147,9 @@ impl Agent {
     /// Sets `key` of the reported shadow and records the `shadow_reported` event, atomically.
     pub fn report(&self, key: &str, value: Value) -> Result<EventId, StoreError> {
         let key = key.to_string();
-        self.with_store(move |store| store.report(wall_now(), &key, &value))?
+        let id = self.with_store(move |store| store.report(wall_now(), &key, &value))??;
+        self.changed.notify_one();
+        Ok(id)
     }
 
     /// The desired section of the shadow.
@@ -176,7 +189,7 @@ impl Drop for Agent {
     }
 }
 
-fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>) -> DeviceStore {
+fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>, changed: &Notify) -> DeviceStore {
     let mut held_back: Option<Request> = None;
     // After a pruning failure, wait for the next request instead of retrying in a busy loop.
     let mut prune_ok = true;
@@ -226,6 +239,9 @@ fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>) -> DeviceStore 
                     })
                     .collect();
                 let results = store.record_group(wall_now(), &requests);
+                if results.iter().any(Result::is_ok) {
+                    changed.notify_one();
+                }
                 for ((_, _, reply), result) in group.into_iter().zip(results) {
                     // A producer that stopped waiting has nothing to be told.
                     let _ = reply.send(result);

@@ -8,9 +8,11 @@
 //! good line's seq is printed as `{"line":N,"seq":S}` once it is durable.
 
 use std::io::{BufRead, Write};
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -21,6 +23,11 @@ use crate::agent::{wall_now, Agent, Pending};
 use crate::config::{Config, FullPolicy, Synchronous, DATABASE_FILE_NAME};
 use crate::json::{event_to_json, parse_line};
 use crate::store::DeviceStore;
+use crate::uplink::{self, UplinkCounters, UplinkOptions};
+use rand::SeedableRng;
+use tidesync_core::net::quic::TransportLimits;
+use tidesync_core::net::tls::Credentials;
+use tidesync_core::sync::SessionConfig;
 
 /// Events read per query while exporting.
 const EXPORT_CHUNK_EVENTS: usize = 1000;
@@ -74,6 +81,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ShadowCommand,
     },
+    /// Sync with the gateways of `[uplink]` until SIGTERM or Ctrl-C: send events, apply custody
+    /// and commit acks, prune, sync the shadow both ways.
+    Run {
+        /// Gateways as HOST:PORT (repeat the flag); replaces `[uplink] gateways`.
+        #[arg(long = "gateway")]
+        gateways: Vec<String>,
+    },
     /// Print the held events as JSON lines.
     Export {
         /// First seq to print.
@@ -122,6 +136,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Shadow { command: ShadowCommand::Get } => print_json(&store.shadow().to_json()),
                 Command::Shadow { command: ShadowCommand::Report { assignments } } => report(store, assignments),
                 Command::Export { from } => export(&store, Seq(*from)),
+                Command::Run { gateways } => run_uplink(&cli, &config, store, gateways),
                 Command::Init { .. } => unreachable!("init is handled above"),
             }
         }
@@ -244,6 +259,85 @@ fn record_follow(store: DeviceStore) -> anyhow::Result<ExitCode> {
     let printed_ok = printer.join().map_err(|_| anyhow::anyhow!("acknowledgement printer panicked"))?;
     agent.close()?;
     Ok(if all_ok && printed_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Reads a PEM file of the uplink's credentials, relative to the data dir.
+fn read_pem(data_dir: &Path, path: &Path, what: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(path);
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read the {what} at {}", path.display()))
+}
+
+fn run_uplink(cli: &Cli, config: &Config, store: DeviceStore, gateways: &[String]) -> anyhow::Result<ExitCode> {
+    let uplink = &config.uplink;
+    let names = if gateways.is_empty() { uplink.gateways.clone() } else { gateways.to_vec() };
+    let mut addrs = Vec::new();
+    for name in &names {
+        let resolved = name
+            .to_socket_addrs()
+            .with_context(|| format!("gateway address {name:?} is not HOST:PORT"))?
+            .collect::<Vec<_>>();
+        anyhow::ensure!(!resolved.is_empty(), "gateway address {name:?} resolves to nothing");
+        addrs.extend(resolved);
+    }
+    let credentials = Credentials {
+        ca_pem: read_pem(&cli.data_dir, &uplink.ca, "fleet CA certificate")?,
+        cert_pem: read_pem(&cli.data_dir, &uplink.cert, "device certificate")?,
+        key_pem: read_pem(&cli.data_dir, &uplink.key, "device key")?,
+        crl_pem: uplink.crl.as_ref().map(|crl| read_pem(&cli.data_dir, crl, "revocation list")).transpose()?,
+    };
+    let options = UplinkOptions {
+        gateways: addrs,
+        credentials,
+        session: SessionConfig::default(),
+        transport: TransportLimits::default(),
+        connect_timeout_ms: uplink.connect_timeout_ms,
+        backoff_initial_ms: uplink.backoff_initial_ms,
+        backoff_max_ms: uplink.backoff_max_ms,
+    };
+    let agent = Arc::new(Agent::start(store)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let counters = Arc::new(UplinkCounters::default());
+    let result = runtime.block_on(async {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping: finishing the session");
+            let _ = stop.send(true);
+        });
+        let rng = rand_chacha::ChaCha8Rng::from_os_rng();
+        uplink::run(Arc::clone(&agent), options, Arc::clone(&counters), rng, shutdown).await
+    });
+    let snapshot = counters.snapshot();
+    print_json(&serde_json::to_value(snapshot)?)?;
+    result?;
+    let agent = Arc::into_inner(agent).context("the uplink still holds the agent")?;
+    agent.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn report(mut store: DeviceStore, assignments: &[String]) -> anyhow::Result<ExitCode> {

@@ -96,6 +96,75 @@ impl Default for LedgerConfig {
     }
 }
 
+/// The uplink's settings (`tidesync-device run`). File paths are relative to the data dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Gateways as `HOST:PORT`, tried in order; the uplink roams to the next when one fails.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// The fleet CA certificate (PEM).
+    #[serde(default = "ca_default")]
+    pub ca: PathBuf,
+    /// This device's certificate (PEM), issued by `tidesync-gateway pki issue`.
+    #[serde(default = "cert_default")]
+    pub cert: PathBuf,
+    /// This device's private key (PEM).
+    #[serde(default = "key_default")]
+    pub key: PathBuf,
+    /// The fleet's certificate revocation list (PEM), if the fleet publishes one.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Give up a connection attempt after this long.
+    #[serde(default = "connect_timeout_ms_default")]
+    pub connect_timeout_ms: u64,
+    /// First retry delay after a failure; doubles per failure, with jitter.
+    #[serde(default = "backoff_initial_ms_default")]
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay.
+    #[serde(default = "backoff_max_ms_default")]
+    pub backoff_max_ms: u64,
+}
+
+fn ca_default() -> PathBuf {
+    PathBuf::from("fleet-ca.pem")
+}
+
+fn cert_default() -> PathBuf {
+    PathBuf::from("device.pem")
+}
+
+fn key_default() -> PathBuf {
+    PathBuf::from("device.key")
+}
+
+fn connect_timeout_ms_default() -> u64 {
+    5_000
+}
+
+fn backoff_initial_ms_default() -> u64 {
+    250
+}
+
+fn backoff_max_ms_default() -> u64 {
+    30_000
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            gateways: Vec::new(),
+            ca: ca_default(),
+            cert: cert_default(),
+            key: key_default(),
+            crl: None,
+            connect_timeout_ms: connect_timeout_ms_default(),
+            backoff_initial_ms: backoff_initial_ms_default(),
+            backoff_max_ms: backoff_max_ms_default(),
+        }
+    }
+}
+
 /// The contents of `tidesync-device.toml`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +174,9 @@ pub struct Config {
     /// Ledger settings.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// Uplink settings.
+    #[serde(default)]
+    pub uplink: UplinkConfig,
 }
 
 /// Why the config file could not be read or written.
@@ -137,7 +209,7 @@ pub enum ConfigError {
 impl Config {
     /// A config for `device_id` with every default.
     pub fn new(device_id: DeviceId) -> Self {
-        Self { device_id, ledger: LedgerConfig::default() }
+        Self { device_id, ledger: LedgerConfig::default(), uplink: UplinkConfig::default() }
     }
 
     /// The config file of the data dir `data_dir`.

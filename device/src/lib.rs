@@ -17,8 +17,9 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod store;
+pub mod uplink;
 
 pub use agent::{Agent, Pending};
-pub use config::{Config, FullPolicy, LedgerConfig, Synchronous};
+pub use config::{Config, FullPolicy, LedgerConfig, Synchronous, UplinkConfig};
 pub use error::StoreError;
 pub use store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};

@@ -242,6 +242,8 @@ pub struct DeviceStore {
     shadow_full_pending: bool,
     desired_seen: Value,
     watchers: Vec<Arc<WatchSlot>>,
+    /// Counts local edits of the shadow, so the uplink knows when to offer a sync message.
+    local_shadow_edits: u64,
 }
 
 /// An SQLite error aborts the whole transaction; any other error refuses one request.
@@ -365,6 +367,7 @@ impl DeviceStore {
             shadow_full_pending: false,
             desired_seen,
             watchers: Vec::new(),
+            local_shadow_edits: 0,
         })
     }
 
@@ -469,7 +472,10 @@ impl DeviceStore {
             Ok(Ok(recorded))
         });
         let refused = match outcome {
-            Ok(Ok(recorded)) => return Ok(EventId { device: self.device, seq: recorded.last }),
+            Ok(Ok(recorded)) => {
+                self.local_shadow_edits += 1;
+                return Ok(EventId { device: self.device, seq: recorded.last });
+            }
             Ok(Err(refused)) => {
                 let _ = self.db.execute_batch("ROLLBACK");
                 self.state = before;
@@ -519,6 +525,11 @@ impl DeviceStore {
         let slot = Arc::new(WatchSlot::default());
         self.watchers.push(Arc::clone(&slot));
         DesiredWatch { slot }
+    }
+
+    /// How many local edits the shadow has had since the store was opened.
+    pub fn local_shadow_edits(&self) -> u64 {
+        self.local_shadow_edits
     }
 
     /// The in-memory shadow (reported, desired, delta).

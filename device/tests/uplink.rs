@@ -1,0 +1,317 @@
+//! The device uplink over real QUIC on 127.0.0.1 against test gateways built from core's
+//! `Ingest` session (the real gateway daemon is tested in the tests crate): every event arrives
+//! exactly once, custody and commit acks become watermarks and the device prunes, the shadow
+//! syncs both ways, and a device roams to another gateway when one dies mid-stream.
+
+// Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading};
+use tidesync_core::ledger::{Ledger, MemLedger};
+use tidesync_core::net::pki::{FleetCa, Identity};
+use tidesync_core::net::quic::{CloseCode, Server, TransportLimits};
+use tidesync_core::net::tls::Credentials;
+use tidesync_core::shadow::{Section, ShadowLimits};
+use tidesync_core::sync::{Ingest, MemStore, SessionConfig, SessionEvent, ShadowKeeping};
+use tidesync_core::value::Value;
+use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig};
+use tokio::sync::watch;
+
+fn wall() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
+}
+
+struct Fleet {
+    ca: FleetCa,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        let now = wall();
+        Self { ca: FleetCa::create("test-fleet", Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap() }
+    }
+
+    fn credentials(&self, identity: Identity, serial: u64) -> Credentials {
+        let now = wall();
+        let issued = self.ca.issue(identity, serial, Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
+        Credentials {
+            ca_pem: self.ca.cert_pem().to_string(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            crl_pem: None,
+        }
+    }
+}
+
+/// What the test gateways share: the "upstream" store, and how many new events it took.
+#[derive(Default)]
+struct Upstream {
+    store: Option<MemStore>,
+    n_new: usize,
+}
+
+/// A gateway that takes custody and commits at once (it stands in for gateway and cloud).
+struct TestGateway {
+    addr: SocketAddr,
+    server: Arc<Server>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestGateway {
+    fn start(fleet: &Fleet, name: &str, upstream: Arc<Mutex<Upstream>>) -> Self {
+        let credentials = fleet.credentials(Identity::Gateway(GatewayId::new(name).unwrap()), 100);
+        let server =
+            Arc::new(Server::bind("127.0.0.1:0".parse().unwrap(), &credentials, TransportLimits::default()).unwrap());
+        let addr = server.local_addr().unwrap();
+        let accepting = Arc::clone(&server);
+        let task = tokio::spawn(async move {
+            while let Some(pending) = accepting.accept().await {
+                let upstream = Arc::clone(&upstream);
+                tokio::spawn(async move {
+                    let Ok(link) = pending.establish().await else { return };
+                    let Identity::Device(device) = link.peer() else { return };
+                    let limits = TransportLimits::default();
+                    let Ok(stream) = link.accept_stream(&limits).await else { return };
+                    let (mut sender, mut receiver) = stream.split();
+                    let mut ingest = Ingest::for_gateway(device, SessionConfig::default(), wall());
+                    loop {
+                        let frames = {
+                            let mut upstream = upstream.lock().unwrap();
+                            let Upstream { store, n_new } = &mut *upstream;
+                            let store = store.as_mut().unwrap();
+                            let mut frames = Vec::new();
+                            loop {
+                                while let Some(event) = ingest.poll_event() {
+                                    if let SessionEvent::EventsReceived(batch) = event {
+                                        let appended = store.append(&batch).unwrap();
+                                        *n_new += appended.n_new;
+                                        ingest.handle_durable(wall(), device, appended.high);
+                                        ingest.handle_committed(wall(), device, appended.high);
+                                    }
+                                }
+                                match ingest.poll_transmit(wall(), store) {
+                                    Some(frame) => frames.push(frame),
+                                    None => break,
+                                }
+                            }
+                            frames
+                        };
+                        for frame in &frames {
+                            if sender.send(frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        if ingest.is_closed() {
+                            let _ = sender.finish().await;
+                            return;
+                        }
+                        let frame = tokio::select! {
+                            frame = receiver.recv() => frame,
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                                ingest.handle_timeout(wall());
+                                continue;
+                            }
+                        };
+                        let Ok(Some(frame)) = frame else { return };
+                        let mut upstream = upstream.lock().unwrap();
+                        let store = upstream.store.as_mut().unwrap();
+                        let _ = ingest.handle_frame(wall(), frame, store);
+                    }
+                });
+            }
+        });
+        Self { addr, server, task }
+    }
+
+    /// Kills the gateway: the endpoint closes every connection at once.
+    fn kill(self) {
+        self.server.close(CloseCode::ShuttingDown);
+        self.task.abort();
+    }
+}
+
+fn upstream_store() -> Arc<Mutex<Upstream>> {
+    let store = MemStore::new("gateway:test", MemLedger::new(), ShadowKeeping::All, ShadowLimits::default());
+    Arc::new(Mutex::new(Upstream { store: Some(store), n_new: 0 }))
+}
+
+fn start_agent(dir: &tempfile::TempDir, device: DeviceId) -> Arc<Agent> {
+    let store = DeviceStore::create(&dir.path().join("ledger.sqlite3"), device, LedgerConfig::default()).unwrap();
+    Arc::new(Agent::start(store).unwrap())
+}
+
+fn record(agent: &Agent, from: u64, n: u64) {
+    let items: Vec<(Millis, Payload)> = (from..from + n)
+        .map(|i| {
+            (
+                Millis(1_700_000_000_000 + i),
+                Payload::Reading(SensorReading { sensor: "t".into(), value: i as f64, unit: "Cel".into() }),
+            )
+        })
+        .collect();
+    agent.record_batch(&items).unwrap();
+}
+
+fn options(fleet: &Fleet, device: DeviceId, gateways: Vec<SocketAddr>) -> UplinkOptions {
+    UplinkOptions {
+        gateways,
+        credentials: fleet.credentials(Identity::Device(device), 7),
+        session: SessionConfig { retransmit_ms: 500, ..SessionConfig::default() },
+        transport: TransportLimits { idle_timeout_ms: 3_000, keep_alive_ms: 500, ..TransportLimits::default() },
+        connect_timeout_ms: 1_000,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 400,
+    }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn upstream_seqs(upstream: &Mutex<Upstream>, device: &DeviceId) -> Vec<u64> {
+    let upstream = upstream.lock().unwrap();
+    upstream.store.as_ref().unwrap().ledger.events(device).map(|event| event.id.seq.0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_exactly_once_the_device_prunes_and_the_shadow_syncs_both_ways() {
+    let fleet = Fleet::new();
+    let device = DeviceId::new("sensor-1").unwrap();
+    let upstream = upstream_store();
+    let gateway = TestGateway::start(&fleet, "gw-a", Arc::clone(&upstream));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&dir, device);
+    record(&agent, 1, 3000);
+    agent.report("firmware", Value::Text("1.4.2".into())).unwrap();
+    let watch_desired = agent.watch_desired().unwrap();
+
+    let counters = Arc::new(UplinkCounters::default());
+    let (stop, shutdown) = watch::channel(false);
+    let running = tokio::spawn(uplink::run(
+        Arc::clone(&agent),
+        options(&fleet, device, vec![gateway.addr]),
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(1),
+        shutdown,
+    ));
+    wait_until("all 3001 events are committed", Duration::from_secs(30), || counters.snapshot().committed_seq == 3001)
+        .await;
+    // Recording while connected goes up without any poll interval.
+    record(&agent, 3002, 10);
+    wait_until("the live events are committed", Duration::from_secs(10), || counters.snapshot().committed_seq == 3011)
+        .await;
+    assert_eq!(upstream_seqs(&upstream, &device), (1..=3011).collect::<Vec<_>>());
+    assert_eq!(upstream.lock().unwrap().n_new, 3011, "no event stored twice");
+
+    // Reported state went up with the session.
+    wait_until("the reported shadow arrives", Duration::from_secs(10), || {
+        let mut upstream = upstream.lock().unwrap();
+        let store = upstream.store.as_mut().unwrap();
+        store.shadows.get(&device).and_then(|shadow| shadow.get(Section::Reported, "firmware"))
+            == Some(Value::Text("1.4.2".into()))
+    })
+    .await;
+
+    // The device pruned after the commits.
+    let agent_for_status = Arc::clone(&agent);
+    let status = tokio::task::spawn_blocking(move || agent_for_status.status().unwrap()).await.unwrap();
+    assert_eq!(status.committed_seq, 3011);
+    assert_eq!(status.backlog_events, 0);
+    assert_eq!(status.custody_seqs.get("gw-a"), Some(&3011));
+    wait_until("the device prunes", Duration::from_secs(10), || {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || agent.status().unwrap().held_events).join().unwrap() == 0
+    })
+    .await;
+
+    // Desired state set at the gateway reaches the device (the gateway's next session sends it).
+    {
+        let mut upstream = upstream.lock().unwrap();
+        let store = upstream.store.as_mut().unwrap();
+        store.shadows.get_mut(&device).unwrap().set(Section::Desired, "interval_s", &Value::Int(30)).unwrap();
+    }
+    // Reconnect so the gateway offers its shadow again (a real gateway tells live sessions).
+    gateway.kill();
+    let gateway = TestGateway::start(&fleet, "gw-a", Arc::clone(&upstream));
+    let (stop2, shutdown2) = watch::channel(false);
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    let running = tokio::spawn(uplink::run(
+        Arc::clone(&agent),
+        options(&fleet, device, vec![gateway.addr]),
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(2),
+        shutdown2,
+    ));
+    let desired = tokio::task::spawn_blocking(move || watch_desired.recv_timeout(Duration::from_secs(15)))
+        .await
+        .unwrap()
+        .expect("desired state reaches the device");
+    assert_eq!(desired.as_map().unwrap().get("interval_s"), Some(&Value::Int(30)));
+    stop2.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    gateway.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_roams_when_its_gateway_dies_mid_stream_and_nothing_is_lost_or_doubled() {
+    let fleet = Fleet::new();
+    let device = DeviceId::new("sensor-2").unwrap();
+    let upstream = upstream_store();
+    let dead: SocketAddr = {
+        // A port nobody listens on: the first gateway in the list is unreachable.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let gateway_a = TestGateway::start(&fleet, "gw-a", Arc::clone(&upstream));
+    let gateway_b = TestGateway::start(&fleet, "gw-b", Arc::clone(&upstream));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&dir, device);
+    let counters = Arc::new(UplinkCounters::default());
+    let (stop, shutdown) = watch::channel(false);
+    let running = tokio::spawn(uplink::run(
+        Arc::clone(&agent),
+        options(&fleet, device, vec![dead, gateway_a.addr, gateway_b.addr]),
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(3),
+        shutdown,
+    ));
+    // Record in the background while gateway A dies.
+    let producer = {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || {
+            for chunk in 0..40 {
+                record(&agent, 1 + chunk * 100, 100);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    wait_until("gateway A got some events", Duration::from_secs(20), || counters.snapshot().committed_seq >= 500).await;
+    gateway_a.kill();
+    producer.join().unwrap();
+    wait_until("everything is committed via gateway B", Duration::from_secs(30), || {
+        counters.snapshot().committed_seq == 4000
+    })
+    .await;
+    assert_eq!(upstream_seqs(&upstream, &device), (1..=4000).collect::<Vec<_>>());
+    assert_eq!(upstream.lock().unwrap().n_new, 4000, "no event stored twice");
+    let snapshot = counters.snapshot();
+    assert!(snapshot.sessions >= 2, "{snapshot:?}");
+    assert!(snapshot.connect_failures >= 1, "the dead gateway was tried: {snapshot:?}");
+    let agent_for_status = Arc::clone(&agent);
+    let status = tokio::task::spawn_blocking(move || agent_for_status.status().unwrap()).await.unwrap();
+    assert!(status.custody_seqs.contains_key("gw-b"), "{:?}", status.custody_seqs);
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    gateway_b.kill();
+}
