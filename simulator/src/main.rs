@@ -1,0 +1,189 @@
+//! The `tidesync-sim` command: `run` one seeded simulation, or `sweep` many seeds.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tidesync_sim::options::{parse_duration_ms, parse_faults, parse_seed_range};
+use tidesync_sim::report::format_ms;
+use tidesync_sim::{Bugs, Outcome, SimOptions, World};
+
+#[derive(Parser, Debug)]
+#[command(name = "tidesync-sim", about = "Deterministic fleet simulation of tidesync's sync protocol")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one seeded simulation, print its report, exit non-zero if a check fails.
+    Run {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// The seed: same seed and binary, same run.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write an SVG plot of backlog and shadow convergence over simulated time.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+    },
+    /// Run many seeds and print a pass/fail summary; exit non-zero if any failed.
+    Sweep {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Seeds as A..B (end exclusive) or A..=B.
+        #[arg(long, default_value = "0..100")]
+        seeds: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FleetArgs {
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 20)]
+    devices: usize,
+    /// Gateways.
+    #[arg(long, default_value_t = 3)]
+    gateways: usize,
+    /// Simulated workload time, in which faults happen (e.g. 7d, 36h, 90m).
+    #[arg(long, default_value = "1d")]
+    duration: String,
+    /// Fault kinds: all, none, or a comma-separated list (loss,dup,reorder,stall,partition,
+    /// device-crash,gateway-crash,gateway-wipe,clock,offline,roaming,storage-full,cloud-outage).
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Time between two readings of one device.
+    #[arg(long, default_value = "1m")]
+    interval: String,
+    /// Longest heal phase before the run counts as not converged.
+    #[arg(long, default_value = "2d")]
+    heal_max: String,
+    /// Deliberately broken host behaviour, to see the checks catch it: skip-dedupe,
+    /// ack-before-fsync.
+    #[arg(long)]
+    bug: Vec<String>,
+    /// Duplicate shadow sync frames too (core amplifies them without bound; see the report).
+    #[arg(long)]
+    duplicate_shadow_sync: bool,
+    /// Print the report only (no drawn faults, no progress bar).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl FleetArgs {
+    fn options(&self, seed: u64) -> Result<SimOptions> {
+        if self.gateways == 0 {
+            bail!("a fleet needs at least one gateway");
+        }
+        let duration_ms = parse_duration_ms(&self.duration).context("--duration")?;
+        let mut options = SimOptions::new(self.devices, self.gateways, duration_ms, seed);
+        options.faults = parse_faults(&self.faults).context("--faults")?;
+        options.reading_interval_ms = parse_duration_ms(&self.interval).context("--interval")?.max(1);
+        options.heal_ms_max = parse_duration_ms(&self.heal_max).context("--heal-max")?;
+        let mut bugs = Bugs::default();
+        for bug in &self.bug {
+            match bug.as_str() {
+                "skip-dedupe" => bugs.skip_dedupe = true,
+                "ack-before-fsync" => bugs.ack_before_fsync = true,
+                other => bail!("unknown bug {other:?}; known are skip-dedupe, ack-before-fsync"),
+            }
+        }
+        options.bugs = bugs;
+        options.duplicate_shadow_sync = self.duplicate_shadow_sync;
+        Ok(options)
+    }
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} simulated {msg} [{bar:40}] {percent}% ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+fn run_one(options: SimOptions, quiet: bool, plot: Option<&std::path::Path>) -> Result<Outcome> {
+    let mut world = World::new(options);
+    if !quiet {
+        println!("{}", Outcome::header(world.options(), world.drawn()));
+    }
+    let bar = progress_bar(quiet);
+    let started = Instant::now();
+    let outcome = tidesync_sim::run_world(&mut world, |done_ms, total_ms| {
+        bar.set_length(total_ms.max(1));
+        bar.set_position(done_ms);
+        bar.set_message(format_ms(done_ms));
+    });
+    bar.finish_and_clear();
+    let wall = started.elapsed();
+    println!("{outcome}");
+    let wall_s = wall.as_secs_f64().max(1e-9);
+    println!(
+        "wall: {:.2} s, {:.0} simulated device-events per wall second, time acceleration {:.0}x",
+        wall_s,
+        outcome.stats.n_recorded as f64 / wall_s,
+        outcome.simulated_ms as f64 / 1_000.0 / wall_s
+    );
+    if let Some(path) = plot {
+        std::fs::write(path, outcome.svg()).with_context(|| format!("writing the plot to {}", path.display()))?;
+        println!("plot: {}", path.display());
+    }
+    Ok(outcome)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { fleet, seed, plot } => {
+            let options = fleet.options(seed)?;
+            let outcome = run_one(options, fleet.quiet, plot.as_deref())?;
+            if !outcome.passed() {
+                std::process::exit(1);
+            }
+        }
+        Command::Sweep { fleet, seeds } => {
+            let seeds = parse_seed_range(&seeds).context("--seeds")?;
+            let (mut passed, mut failed) = (0u64, Vec::new());
+            let started = Instant::now();
+            for seed in seeds.clone() {
+                let outcome = tidesync_sim::run(fleet.options(seed)?, |_, _| {});
+                if outcome.passed() {
+                    passed += 1;
+                    if !fleet.quiet {
+                        println!("seed {seed}: ok (digest {:016x})", outcome.digest);
+                    }
+                } else {
+                    println!("seed {seed}: FAILED");
+                    for failure in &outcome.failures {
+                        println!("  {failure}");
+                    }
+                    println!("  replay: {}", outcome.options.replay_command());
+                    failed.push(seed);
+                }
+            }
+            println!(
+                "sweep {}..{}: {passed} passed, {} failed in {:.1} s",
+                seeds.start,
+                seeds.end,
+                failed.len(),
+                started.elapsed().as_secs_f64()
+            );
+            if !failed.is_empty() {
+                println!("failed seeds: {failed:?}");
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
