@@ -190,7 +190,13 @@ impl Ingest {
 
     fn on_events<S: Store + ?Sized>(&mut self, batch: EventBatch, store: &mut S) -> Result<(), SessionError> {
         self.authorize(&batch.device)?;
-        self.known_devices.insert(batch.device);
+        if self.known_devices.insert(batch.device) {
+            // A device first heard of in this session: the cloud offers the shadow it keeps of it,
+            // so desired state set while the gateway did not serve the device flows down now.
+            if matches!(self.role, Role::Cloud { .. }) && store.shadow_devices().contains(&batch.device) {
+                self.common.mark_shadow_dirty(batch.device);
+            }
+        }
         let pending_events_max = self.common.config.pending_events_max as u64;
         let retry_after_ms = u32::try_from(self.common.config.retransmit_ms).unwrap_or(u32::MAX);
         let stream = self.streams.entry(batch.device).or_insert_with(|| {

@@ -220,6 +220,40 @@ fn the_cloud_commits_what_a_gateway_forwards() {
 }
 
 #[test]
+fn desired_state_set_in_the_cloud_reaches_a_gateway_that_learns_of_the_device_mid_session() {
+    // The gateway's session starts before it has any event of the device (empty hello), and the
+    // cloud already holds desired state for it.
+    let mut spool = MemStore::new("gateway:g1", MemLedger::pruning(), ShadowKeeping::All, ShadowLimits::default());
+    let mut cloud = MemStore::new("cloud", MemLedger::new(), ShadowKeeping::All, ShadowLimits::default());
+    cloud.shadow_mut(&device()).unwrap().unwrap().set(Section::Desired, "interval_s", &Value::Int(30)).unwrap();
+    let gateway = GatewayId::new("g1").unwrap();
+    let mut uplink = Uplink::for_gateway(gateway, SessionConfig::default(), Millis(0));
+    let mut ingest = Ingest::for_cloud(gateway, SessionConfig::default(), Millis(0));
+    for round in 0..10 {
+        let now = Millis(round);
+        if round == 3 {
+            spool.ledger.record(device(), Millis(1), Millis(1), reading(1.0)).unwrap();
+            uplink.handle_appended(device());
+        }
+        while let Some(frame) = uplink.poll_transmit(now, &mut spool).unwrap() {
+            ingest.handle_frame(now, frame, &mut cloud).unwrap();
+        }
+        while let Some(event) = ingest.poll_event() {
+            if let SessionEvent::EventsReceived(batch) = event {
+                let appended = cloud.append(&batch).unwrap();
+                ingest.handle_durable(now, batch.device, appended.high);
+            }
+        }
+        while let Some(frame) = ingest.poll_transmit(now, &mut cloud) {
+            uplink.handle_frame(now, frame, &mut spool).unwrap();
+        }
+        while uplink.poll_event().is_some() {}
+    }
+    let shadow = spool.shadow_mut(&device()).unwrap().unwrap();
+    assert_eq!(shadow.get(Section::Desired, "interval_s"), Some(Value::Int(30)));
+}
+
+#[test]
 fn a_silent_peer_times_out() {
     let mut on_device = device_store();
     record(&mut on_device, 2);
