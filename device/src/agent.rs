@@ -11,6 +11,7 @@
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tidesync_core::event::{DeviceId, EventId, Millis, Payload};
@@ -25,6 +26,9 @@ use crate::store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};
 pub const QUEUE_REQUESTS_MAX: usize = 1024;
 /// Most events in one group commit, so one commit stays short and acknowledgements timely.
 pub const GROUP_EVENTS_MAX: usize = 8192;
+/// Longest wait for more producers before a group commit (only when the previous group had
+/// several): far below an fsync, so a lone producer never waits and a crowd shares fsyncs.
+pub const GROUP_LINGER: Duration = Duration::from_micros(200);
 
 type Job = Box<dyn FnOnce(&mut DeviceStore) + Send>;
 
@@ -191,6 +195,7 @@ impl Drop for Agent {
 
 fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>, changed: &Notify) -> DeviceStore {
     let mut held_back: Option<Request> = None;
+    let mut last_group_requests = 1;
     // After a pruning failure, wait for the next request instead of retrying in a busy loop.
     let mut prune_ok = true;
     loop {
@@ -218,8 +223,21 @@ fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>, changed: &Notif
             Request::Record { events, source, reply } => {
                 let mut n_events = events.len();
                 let mut group = vec![(events, source, reply)];
+                // When the last group had several producers, they are likely re-submitting right
+                // now: linger briefly for them, so one fsync serves all of them again.
+                let linger_until = (last_group_requests > 1).then(|| Instant::now() + GROUP_LINGER);
                 while n_events < GROUP_EVENTS_MAX {
-                    match queue.try_recv() {
+                    let next = match queue.try_recv() {
+                        Err(TryRecvError::Empty) if group.len() < last_group_requests => match linger_until {
+                            Some(until) => {
+                                let left = until.saturating_duration_since(Instant::now());
+                                queue.recv_timeout(left).map_err(|_| TryRecvError::Empty)
+                            }
+                            None => Err(TryRecvError::Empty),
+                        },
+                        other => other,
+                    };
+                    match next {
                         Ok(Request::Record { events, source, reply }) => {
                             n_events += events.len();
                             group.push((events, source, reply));
@@ -231,6 +249,7 @@ fn writer_loop(mut store: DeviceStore, queue: Receiver<Request>, changed: &Notif
                         Err(_) => break,
                     }
                 }
+                last_group_requests = group.len();
                 let requests: Vec<RecordRequest<'_>> = group
                     .iter()
                     .map(|(events, source, _)| RecordRequest {

@@ -723,35 +723,52 @@ impl DeviceStore {
             return Ok(Err(refused));
         }
         let first = self.state.high.next();
-        for new_event in events {
-            self.insert(wall, new_event)?;
-        }
+        self.insert_all(wall, events)?;
         Ok(Ok(SeqRange { device: self.device, first, last: self.state.high }))
     }
 
     fn insert(&mut self, wall: Millis, new_event: &NewEvent) -> Result<Seq, rusqlite::Error> {
-        let seq = self.state.high.next();
-        let hlc = self.state.clock.now(wall);
+        self.insert_all(wall, std::slice::from_ref(new_event))?;
+        Ok(self.state.high)
+    }
+
+    /// Inserts `events` with the next seqs and clock stamps, preparing the statement once: the
+    /// per-row cost is then SQLite's alone, as in a hand-written bulk insert.
+    fn insert_all(&mut self, wall: Millis, events: &[NewEvent]) -> Result<(), rusqlite::Error> {
         let mut statement = self.db.prepare_cached(
             "INSERT INTO events (seq, device, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
-        statement.execute(params![
-            seq.0,
-            self.device.as_str(),
-            hlc.wall_ms,
-            hlc.logical,
-            new_event.event_time.0,
-            new_event.kind.tag(),
-            new_event.schema_version,
-            new_event.body,
-        ])?;
-        self.state.high = seq;
-        if self.state.low > seq {
-            self.state.low = seq;
+        let device = self.device.as_str();
+        let mut high = self.state.high;
+        let mut used_bytes = 0;
+        // The clock is advanced on a copy and kept only if every insert succeeded; on an error
+        // the caller rolls back the transaction and restores the state anyway.
+        let mut clock = self.state.clock;
+        for new_event in events {
+            let seq = high.next();
+            let hlc = clock.now(wall);
+            statement.execute(params![
+                seq.0,
+                device,
+                hlc.wall_ms,
+                hlc.logical,
+                new_event.event_time.0,
+                new_event.kind.tag(),
+                new_event.schema_version,
+                new_event.body,
+            ])?;
+            high = seq;
+            used_bytes += new_event.cost_bytes();
         }
-        self.state.used_bytes += new_event.cost_bytes();
-        Ok(seq)
+        drop(statement);
+        if let Some(first) = events.first().map(|_| self.state.high.next()) {
+            self.state.low = self.state.low.min(first);
+        }
+        self.state.high = high;
+        self.state.clock = clock;
+        self.state.used_bytes += used_bytes;
+        Ok(())
     }
 
     fn fits(&self, incoming_bytes: u64) -> bool {
