@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod serial;
 pub mod store;
 pub mod uplink;
 
