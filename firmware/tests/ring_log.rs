@@ -3,7 +3,8 @@
 //! refusal when full, ack persistence.
 //!
 //! The check after every cut: the log reopens; every reading whose append returned `Ok` and
-//! that is above the recovered ack watermark is still there, byte for byte; the watermark never
+//! that the agent never acknowledged is still there, byte for byte (as is every one above the
+//! recovered watermark that was not erased after its ack); the watermark never
 //! exceeds what the agent acknowledged; seqs stay gap-free and are never reused; the flash is
 //! never programmed twice at the same byte; a second reboot sees the same log.
 
@@ -151,7 +152,17 @@ fn reboot_and_check(log: Log, model: &mut Model) -> Log {
     assert!(acked <= model.ack_requested_max, "watermark {acked} beyond any ack {}", model.ack_requested_max);
     let listed_map: BTreeMap<u64, Owned> = listed.iter().cloned().collect();
     for (seq, owned) in model.completed.range(acked + 1..) {
-        assert_eq!(listed_map.get(seq), Some(owned), "unacknowledged reading {seq} lost (watermark {acked})");
+        match listed_map.get(seq) {
+            Some(found) => assert_eq!(found, owned, "reading {seq} altered"),
+            // A torn erase can take the ack records of the sector it erased with it, so the
+            // recovered watermark may sit below readings that were acknowledged and erased:
+            // allowed for acknowledged readings only (the agent holds them).
+            None => assert!(
+                *seq <= model.ack_requested_max,
+                "unacknowledged reading {seq} lost (watermark {acked}, acked {})",
+                model.ack_requested_max
+            ),
+        }
     }
     for seq in listed_map.keys() {
         assert!(model.completed.contains_key(seq), "reading {seq} appeared from nowhere");

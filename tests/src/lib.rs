@@ -56,22 +56,29 @@ impl Fleet {
     /// Credentials for `identity`, valid now.
     pub fn credentials(&mut self, identity: Identity) -> anyhow::Result<Credentials> {
         let now = wall_now().0;
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        let issued = self.ca.issue(identity, serial, Millis(now - DAY_MS), Millis(now + DAY_MS))?;
-        Ok(Credentials {
-            ca_pem: self.ca.cert_pem().to_string(),
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
-            crl_pem: None,
-        })
+        Ok(self.credentials_valid(identity, Millis(now - DAY_MS), Millis(now + DAY_MS))?.0)
     }
 
-    /// Writes a gateway.toml for `gateway` (with its certificate files) and returns its path.
+    /// Writes a gateway.toml for `gateway` (with its certificate files) into the fleet's
+    /// directory and returns its path.
     pub fn gateway_config(&mut self, gateway: GatewayId, settings: &GatewaySettings) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.clone();
+        self.gateway_config_in(&dir, gateway, settings)
+    }
+
+    /// Writes a gateway.toml for `gateway` with its certificate files and spool into `dir` (one
+    /// directory per gateway when a test runs several) and returns its path.
+    pub fn gateway_config_in(
+        &mut self,
+        dir: &Path,
+        gateway: GatewayId,
+        settings: &GatewaySettings,
+    ) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
         let credentials = self.credentials(Identity::Gateway(gateway))?;
-        std::fs::write(self.dir.join("gateway.pem"), &credentials.cert_pem)?;
-        std::fs::write(self.dir.join("gateway.key"), &credentials.key_pem)?;
+        std::fs::write(dir.join("ca.pem"), self.ca.cert_pem())?;
+        std::fs::write(dir.join("gateway.pem"), &credentials.cert_pem)?;
+        std::fs::write(dir.join("gateway.key"), &credentials.key_pem)?;
         let upstream = match settings.upstream {
             Some(addr) => format!("[upstream]\naddr = \"{addr}\"\nreconnect_ms = 100\n"),
             None => String::new(),
@@ -80,16 +87,49 @@ impl Fleet {
             Some(addr) => format!("metrics_listen = \"{addr}\"\n"),
             None => String::new(),
         };
+        let crl = match &settings.crl_pem {
+            Some(crl_pem) => {
+                std::fs::write(dir.join("crl.pem"), crl_pem)?;
+                "crl = \"crl.pem\"\n"
+            }
+            None => "",
+        };
         let text = format!(
             "gateway = \"{gateway}\"\nlisten = \"{listen}\"\n{metrics}spool = \"spool.db\"\nspool_budget_bytes = {budget}\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n{crl}\
              [limits]\nretransmit_ms = 1000\nfull_retry_after_ms = 200\n{upstream}",
             listen = settings.listen,
             budget = settings.spool_budget_bytes,
         );
-        let path = self.dir.join("gateway.toml");
+        let path = dir.join("gateway.toml");
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// A revocation list of the fleet CA naming `revoked_serials`, valid for a day.
+    pub fn revocation_list(&self, revoked_serials: &[u64]) -> anyhow::Result<String> {
+        let now = wall_now().0;
+        Ok(self.ca.revocation_list(1, revoked_serials, Millis(now - 60_000), Millis(now + DAY_MS))?)
+    }
+
+    /// Credentials for `identity` valid from `not_before` to `not_after` (wall ms), with their
+    /// serial number: for expired and not-yet-valid certificates.
+    pub fn credentials_valid(
+        &mut self,
+        identity: Identity,
+        not_before: Millis,
+        not_after: Millis,
+    ) -> anyhow::Result<(Credentials, u64)> {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let issued = self.ca.issue(identity, serial, not_before, not_after)?;
+        let credentials = Credentials {
+            ca_pem: self.ca.cert_pem().to_string(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            crl_pem: None,
+        };
+        Ok((credentials, serial))
     }
 }
 
@@ -104,6 +144,8 @@ pub struct GatewaySettings {
     pub upstream: Option<SocketAddr>,
     /// Spool budget.
     pub spool_budget_bytes: u64,
+    /// The fleet revocation list the gateway loads (none: no list).
+    pub crl_pem: Option<String>,
 }
 
 impl Default for GatewaySettings {
@@ -113,6 +155,7 @@ impl Default for GatewaySettings {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             upstream: None,
             spool_budget_bytes: 1 << 30,
+            crl_pem: None,
         }
     }
 }

@@ -1,8 +1,6 @@
 //! The real `tidesync-gateway` process killed with SIGKILL mid-stream and restarted: nothing it
 //! acknowledged is lost, and nothing reaches the cloud twice. Then SIGTERM stops it cleanly.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -13,27 +11,7 @@ use tidesync_core::shadow::ShadowLimits;
 use tidesync_gateway::spool::Spool;
 use tidesync_tests::*;
 
-use super::{device, gateway, TEST_TIMEOUT};
-
-fn spawn_gateway(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tidesync-gateway-under-test"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_until_serving(metrics_addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + TEST_TIMEOUT;
-    while tidesync_gateway::cli::fetch_metrics(metrics_addr).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use super::{device, gateway, spawn_gateway, wait_until_serving, TEST_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing_upstream() {

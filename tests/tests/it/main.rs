@@ -5,8 +5,11 @@
 mod gateway_crash;
 mod gateway_flow;
 mod gateway_security;
+mod roaming;
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use tidesync_core::event::{DeviceId, GatewayId};
 
@@ -19,4 +22,32 @@ fn device(name: &str) -> DeviceId {
 
 fn gateway(name: &str) -> GatewayId {
     GatewayId::new(name).unwrap()
+}
+
+/// Starts the real gateway binary on `config`, its log appended to `log`.
+fn spawn_gateway(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tidesync-gateway-under-test"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the gateway's metrics endpoint answers (it binds after the QUIC server).
+async fn wait_until_serving(metrics_addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    while tidesync_gateway::cli::fetch_metrics(metrics_addr).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One sample of a running gateway's metrics page.
+fn metric(metrics_addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let page = tidesync_gateway::cli::fetch_metrics(metrics_addr).ok()?;
+    tidesync_gateway::metrics::sample(&page, name)
 }
