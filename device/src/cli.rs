@@ -11,6 +11,7 @@ use std::io::{BufRead, Write};
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use tidesync_core::value::Value;
 use crate::agent::{wall_now, Agent, Pending};
 use crate::config::{Config, FullPolicy, Synchronous, DATABASE_FILE_NAME};
 use crate::json::{event_to_json, parse_line};
+use crate::serial;
 use crate::store::DeviceStore;
 use crate::uplink::{self, UplinkCounters, UplinkOptions};
 use rand::SeedableRng;
@@ -29,6 +31,8 @@ use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::net::tls::Credentials;
 use tidesync_core::sync::SessionConfig;
 
+/// The name under which the serial port's firmware log is tracked (its records' watermark).
+const SERIAL_SOURCE: &str = "serial";
 /// Events read per query while exporting.
 const EXPORT_CHUNK_EVENTS: usize = 1000;
 /// Acknowledgements in flight between the `--follow` reader and the printer.
@@ -87,6 +91,9 @@ pub enum Command {
         /// Gateways as HOST:PORT (repeat the flag); replaces `[uplink] gateways`.
         #[arg(long = "gateway")]
         gateways: Vec<String>,
+        /// Also take the firmware's readings from this serial port (a tty or pseudo-terminal).
+        #[arg(long)]
+        serial: Option<PathBuf>,
     },
     /// Print the held events as JSON lines.
     Export {
@@ -136,7 +143,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Shadow { command: ShadowCommand::Get } => print_json(&store.shadow().to_json()),
                 Command::Shadow { command: ShadowCommand::Report { assignments } } => report(store, assignments),
                 Command::Export { from } => export(&store, Seq(*from)),
-                Command::Run { gateways } => run_uplink(&cli, &config, store, gateways),
+                Command::Run { gateways, serial } => run_uplink(&cli, &config, store, gateways, serial.as_deref()),
                 Command::Init { .. } => unreachable!("init is handled above"),
             }
         }
@@ -267,9 +274,14 @@ fn read_pem(data_dir: &Path, path: &Path, what: &str) -> anyhow::Result<String> 
     std::fs::read_to_string(&path).with_context(|| format!("cannot read the {what} at {}", path.display()))
 }
 
-fn run_uplink(cli: &Cli, config: &Config, store: DeviceStore, gateways: &[String]) -> anyhow::Result<ExitCode> {
-    let uplink = &config.uplink;
-    let names = if gateways.is_empty() { uplink.gateways.clone() } else { gateways.to_vec() };
+fn run_uplink(
+    cli: &Cli,
+    config: &Config,
+    store: DeviceStore,
+    gateways: &[String],
+    serial: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let names = if gateways.is_empty() { config.uplink.gateways.clone() } else { gateways.to_vec() };
     let mut addrs = Vec::new();
     for name in &names {
         let resolved = name
@@ -279,40 +291,67 @@ fn run_uplink(cli: &Cli, config: &Config, store: DeviceStore, gateways: &[String
         anyhow::ensure!(!resolved.is_empty(), "gateway address {name:?} resolves to nothing");
         addrs.extend(resolved);
     }
-    let credentials = Credentials {
-        ca_pem: read_pem(&cli.data_dir, &uplink.ca, "fleet CA certificate")?,
-        cert_pem: read_pem(&cli.data_dir, &uplink.cert, "device certificate")?,
-        key_pem: read_pem(&cli.data_dir, &uplink.key, "device key")?,
-        crl_pem: uplink.crl.as_ref().map(|crl| read_pem(&cli.data_dir, crl, "revocation list")).transpose()?,
-    };
-    let options = UplinkOptions {
-        gateways: addrs,
-        credentials,
-        session: SessionConfig::default(),
-        transport: TransportLimits::default(),
-        connect_timeout_ms: uplink.connect_timeout_ms,
-        backoff_initial_ms: uplink.backoff_initial_ms,
-        backoff_max_ms: uplink.backoff_max_ms,
-    };
+    anyhow::ensure!(
+        !addrs.is_empty() || serial.is_some(),
+        "nothing to run: configure `[uplink] gateways`, pass --gateway HOST:PORT, or --serial PATH"
+    );
     let agent = Arc::new(Agent::start(store)?);
+    let stop_serial = Arc::new(AtomicBool::new(false));
+    let serial_thread = match serial {
+        Some(path) => {
+            let agent = Arc::clone(&agent);
+            let stop = Arc::clone(&stop_serial);
+            let path = path.to_path_buf();
+            Some(std::thread::spawn(move || serial::run_ingest(&agent, &path, SERIAL_SOURCE, &stop)))
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let counters = Arc::new(UplinkCounters::default());
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<()> = runtime.block_on(async {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("stopping: finishing the session");
             let _ = stop.send(true);
         });
+        if addrs.is_empty() {
+            let mut shutdown = shutdown;
+            let _ = shutdown.changed().await;
+            return Ok(());
+        }
+        let uplink = &config.uplink;
+        let credentials = Credentials {
+            ca_pem: read_pem(&cli.data_dir, &uplink.ca, "fleet CA certificate")?,
+            cert_pem: read_pem(&cli.data_dir, &uplink.cert, "device certificate")?,
+            key_pem: read_pem(&cli.data_dir, &uplink.key, "device key")?,
+            crl_pem: uplink.crl.as_ref().map(|crl| read_pem(&cli.data_dir, crl, "revocation list")).transpose()?,
+        };
+        let options = UplinkOptions {
+            gateways: addrs,
+            credentials,
+            session: SessionConfig::default(),
+            transport: TransportLimits::default(),
+            connect_timeout_ms: uplink.connect_timeout_ms,
+            backoff_initial_ms: uplink.backoff_initial_ms,
+            backoff_max_ms: uplink.backoff_max_ms,
+        };
         let rng = rand_chacha::ChaCha8Rng::from_os_rng();
-        uplink::run(Arc::clone(&agent), options, Arc::clone(&counters), rng, shutdown).await
+        Ok(uplink::run(Arc::clone(&agent), options, Arc::clone(&counters), rng, shutdown).await?)
     });
-    let snapshot = counters.snapshot();
-    print_json(&serde_json::to_value(snapshot)?)?;
+    stop_serial.store(true, Ordering::Relaxed);
+    let mut summary = serde_json::json!({ "uplink": counters.snapshot() });
+    if let Some(thread) = serial_thread {
+        match thread.join().map_err(|_| anyhow::anyhow!("the serial ingest panicked"))? {
+            Ok(stats) => summary["serial"] = serde_json::to_value(stats)?,
+            Err(error) => tracing::error!(%error, "the serial ingest failed"),
+        }
+    }
+    print_json(&summary)?;
     result?;
     let agent = Arc::into_inner(agent).context("the uplink still holds the agent")?;
     agent.close()?;

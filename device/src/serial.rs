@@ -68,7 +68,7 @@ pub enum SerialError {
 }
 
 /// What one ingest run did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestStats {
     /// Record frames received.
     pub records_received: u64,
