@@ -28,6 +28,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "core builds as no_std for thumbv7em-none-eabihf"
 cargo build --locked -p tidesync-core --no-default-features --target thumbv7em-none-eabihf
 
+step "sample firmware for thumbv7em-none-eabihf: build and footprint"
+cargo rustc --locked -p tidesync-firmware --example footprint --features mcu --release \
+    --target thumbv7em-none-eabihf -- -C link-arg=-T"$PWD/firmware/examples/nrf52840.x"
+footprint_elf="${CARGO_TARGET_DIR:-target}/thumbv7em-none-eabihf/release/examples/footprint"
+if command -v size >/dev/null 2>&1; then
+    size -A "$footprint_elf" | grep -E '^\.(vector_table|text|rodata|data|bss) ' || true
+fi
+
 step "core depends on no IO crates without the net feature"
 if cargo tree --locked -p tidesync-core -e normal --prefix none | grep -E '^(tokio|rusqlite|quinn|quinn-proto|rustls) '; then
     echo "tidesync-core pulls in an IO crate (see above)" >&2
