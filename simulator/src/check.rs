@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use tidesync_core::event::{EventId, Payload, Seq};
 use tidesync_core::ledger::Ledger;
 
+use crate::digest::event_hash;
 use crate::projection::Projection;
-use crate::world::{event_hash, World};
+use crate::world::World;
 
 /// Most failures one check reports.
 const FAILURES_PER_CHECK_MAX: usize = 5;
@@ -63,6 +64,7 @@ pub fn check_all(world: &mut World) -> Vec<CheckFailure> {
     failures.extend(check_exactly_once(world));
     failures.extend(check_device_order(world));
     failures.extend(check_gaps_explained(world));
+    failures.extend(check_gap_events_cover_holes(world));
     failures.extend(check_shadows_converge(world));
     failures.extend(check_projection(world));
     failures
@@ -125,14 +127,13 @@ fn covered(ranges: &[(Seq, Seq)], seq: Seq) -> bool {
 pub fn check_exactly_once(world: &World) -> Vec<CheckFailure> {
     let mut failures = Failures::new("exactly_once");
     let store = &world.cloud.disk.durable().ledger;
-    for (node, oracle) in world.devices.iter().zip(&world.oracle) {
-        let gaps = gap_ranges(world, &node.id);
+    for ((node, oracle), drops) in world.devices.iter().zip(&world.oracle).zip(&world.drops) {
         for (index, expected) in oracle.iter().enumerate() {
             let id = EventId { device: node.id, seq: Seq(index as u64 + 1) };
             match store.get(&id) {
                 Some(event) if event_hash(event) == *expected => {}
                 Some(_) => failures.push(format!("{id} in the cloud differs from what the device made durable")),
-                None if covered(&gaps, id.seq) => {}
+                None if covered(drops, id.seq) => {}
                 None => failures.push(format!("{id} was durable on the device but is not in the cloud store")),
             }
         }
@@ -180,12 +181,27 @@ pub fn check_device_order(world: &World) -> Vec<CheckFailure> {
     failures.finish()
 }
 
-/// Every hole in a device's stream in the cloud is covered by a gap event (a recorded drop).
+/// Every hole in a device's stream in the cloud is a range the device really dropped (the
+/// simulator's record of every drop).
 pub fn check_gaps_explained(world: &World) -> Vec<CheckFailure> {
-    let mut failures = Failures::new("gaps_explained");
+    holes_covered_by(world, "gaps_explained", |world, device| world.drops[device].clone())
+}
+
+/// Every hole in a device's stream in the cloud is covered by a gap event the cloud holds: the
+/// cloud can explain each hole by itself.
+pub fn check_gap_events_cover_holes(world: &World) -> Vec<CheckFailure> {
+    holes_covered_by(world, "gap_events_cover_holes", |world, device| gap_ranges(world, &world.devices[device].id))
+}
+
+fn holes_covered_by(
+    world: &World,
+    check: &'static str,
+    ranges: impl Fn(&World, usize) -> Vec<(Seq, Seq)>,
+) -> Vec<CheckFailure> {
+    let mut failures = Failures::new(check);
     let store = &world.cloud.disk.durable().ledger;
-    for node in &world.devices {
-        let gaps = gap_ranges(world, &node.id);
+    for (device, node) in world.devices.iter().enumerate() {
+        let gaps = ranges(world, device);
         let high = store.high(&node.id);
         let mut missing_first = None;
         for seq in 1..=high.0 + 1 {
@@ -196,8 +212,10 @@ pub fn check_gaps_explained(world: &World) -> Vec<CheckFailure> {
                 (true, Some(first)) => {
                     let last = Seq(seq.0 - 1);
                     if !(first.0..=last.0).all(|missing| covered(&gaps, Seq(missing))) {
-                        failures
-                            .push(format!("{} lacks seqs {first}..={last} and no gap event explains them", node.id));
+                        failures.push(format!(
+                            "{} lacks seqs {first}..={last} and nothing explains them ({check})",
+                            node.id
+                        ));
                     }
                     missing_first = None;
                 }

@@ -26,8 +26,11 @@ enum DiskOp {
 /// What a sync made durable, for the caller's bookkeeping.
 #[derive(Debug, Default)]
 pub struct Synced {
-    /// Events recorded by this node that are now durable, in order.
-    pub recorded: Vec<EventId>,
+    /// Events recorded by this node that are now durable, in order, with their content hash
+    /// ([`crate::digest::event_hash`]) taken as they became durable.
+    pub recorded: Vec<(EventId, u64)>,
+    /// Seq ranges this node dropped under storage pressure that are now durably dropped.
+    pub dropped: Vec<(Seq, Seq)>,
     /// Operations replayed.
     pub n_ops: usize,
 }
@@ -115,12 +118,12 @@ impl SimDisk {
 
     /// The host's fsync: everything written so far becomes durable.
     pub fn sync(&mut self) -> Synced {
-        let mut synced = Synced { recorded: Vec::new(), n_ops: self.unsynced.len() };
+        let mut synced = Synced { recorded: Vec::new(), dropped: Vec::new(), n_ops: self.unsynced.len() };
         if !self.has_unsynced() {
             return synced;
         }
         self.n_syncs += 1;
-        for op in self.unsynced.drain(..) {
+        for op in std::mem::take(&mut self.unsynced) {
             // The live store accepted each operation on the same state, so the replay cannot fail;
             // a failure would mean the two stores diverged, which is a simulator bug.
             match op {
@@ -131,15 +134,18 @@ impl SimDisk {
                 DiskOp::Record { device, wall, event_time, payload } => {
                     let replayed = self.durable.ledger.record(device, wall, event_time, payload);
                     match replayed {
-                        Ok(id) => synced.recorded.push(id),
+                        Ok(id) => synced.recorded.push((id, self.durable_hash(id))),
                         Err(error) => panic!("durable replay of a record failed: {error}"),
                     }
                 }
                 DiskOp::DropOldest { device, n_events, wall } => {
                     let dropped = self.durable.ledger.drop_oldest(device, n_events, wall);
-                    assert!(dropped.is_some(), "durable replay of a drop found nothing to drop");
-                    let high = self.durable.ledger.high(&device);
-                    synced.recorded.push(EventId { device, seq: high });
+                    match dropped {
+                        Some(range) => synced.dropped.push(range),
+                        None => panic!("durable replay of a drop found nothing to drop"),
+                    }
+                    let gap_id = EventId { device, seq: self.durable.ledger.high(&device) };
+                    synced.recorded.push((gap_id, self.durable_hash(gap_id)));
                 }
                 DiskOp::MarkCommitted { device, up_to } => {
                     let replayed = self.durable.mark_committed(device, up_to);
@@ -153,6 +159,14 @@ impl SimDisk {
             }
         }
         synced
+    }
+
+    /// The content hash of an event just made durable (so it is held).
+    fn durable_hash(&self, id: EventId) -> u64 {
+        match self.durable.ledger.get(&id) {
+            Some(event) => crate::digest::event_hash(event),
+            None => panic!("{id} was just recorded durably but is not held"),
+        }
     }
 
     /// A crash: the live store becomes what was durable; unsynced writes are gone.

@@ -62,12 +62,15 @@ struct FleetArgs {
     #[arg(long, default_value = "2d")]
     heal_max: String,
     /// Deliberately broken host behaviour, to see the checks catch it: skip-dedupe,
-    /// ack-before-fsync.
+    /// ack-before-fsync, send-unsynced.
     #[arg(long)]
     bug: Vec<String>,
     /// Duplicate shadow sync frames too (core amplifies them without bound; see the report).
     #[arg(long)]
     duplicate_shadow_sync: bool,
+    /// Do not replace connections whose shadow sync spins (shows the core bug; see the report).
+    #[arg(long)]
+    no_spin_watchdog: bool,
     /// Print the report only (no drawn faults, no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -88,11 +91,13 @@ impl FleetArgs {
             match bug.as_str() {
                 "skip-dedupe" => bugs.skip_dedupe = true,
                 "ack-before-fsync" => bugs.ack_before_fsync = true,
-                other => bail!("unknown bug {other:?}; known are skip-dedupe, ack-before-fsync"),
+                "send-unsynced" => bugs.send_unsynced = true,
+                other => bail!("unknown bug {other:?}; known are skip-dedupe, ack-before-fsync, send-unsynced"),
             }
         }
         options.bugs = bugs;
         options.duplicate_shadow_sync = self.duplicate_shadow_sync;
+        options.spin_watchdog = !self.no_spin_watchdog;
         Ok(options)
     }
 }

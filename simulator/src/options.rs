@@ -186,6 +186,9 @@ pub struct Bugs {
     /// Gateways and the cloud acknowledge events before making them durable; they sync only on a
     /// periodic timer.
     pub ack_before_fsync: bool,
+    /// Devices send events before making them durable (they sync only on their group-commit
+    /// timer), so a crash makes them issue the same seqs again for different events.
+    pub send_unsynced: bool,
 }
 
 impl Bugs {
@@ -197,6 +200,9 @@ impl Bugs {
         }
         if self.ack_before_fsync {
             names.push("ack-before-fsync");
+        }
+        if self.send_unsynced {
+            names.push("send-unsynced");
         }
         names
     }
@@ -223,6 +229,8 @@ pub struct SimOptions {
     pub bugs: Bugs,
     /// Duplicate shadow sync frames too (off by default: core amplifies them, see the report).
     pub duplicate_shadow_sync: bool,
+    /// Replace a connection whose shadow sync spins (sync health; on by default, see the report).
+    pub spin_watchdog: bool,
 }
 
 impl SimOptions {
@@ -238,6 +246,7 @@ impl SimOptions {
             heal_ms_max: 2 * 86_400_000,
             bugs: Bugs::default(),
             duplicate_shadow_sync: false,
+            spin_watchdog: true,
         }
     }
 
@@ -259,6 +268,9 @@ impl SimOptions {
         );
         if self.heal_ms_max != SimOptions::new(0, 1, 0, 0).heal_ms_max {
             command.push_str(&format!(" --heal-max {}", format_duration_ms(self.heal_ms_max)));
+        }
+        if !self.spin_watchdog {
+            command.push_str(" --no-spin-watchdog");
         }
         if self.duplicate_shadow_sync {
             command.push_str(" --duplicate-shadow-sync");

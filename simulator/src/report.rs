@@ -79,16 +79,23 @@ impl fmt::Display for Outcome {
         )?;
         writeln!(
             f,
-            "sync: {} sessions (sync rounds), {} handshake timeouts, {} refused frames, {} stalls, {} resend loops, {} throttles, {} fsyncs",
+            "sync: {} sessions (sync rounds), {} handshake timeouts, {} shadow spins, {} refused frames, {} stalls, {} resend loops, {} throttles, {} fsyncs",
             stats.n_sessions,
             stats.n_handshake_timeouts,
+            stats.n_shadow_spins,
             stats.n_session_errors,
             stats.n_stalls_reported,
             stats.n_resend_loops,
             stats.n_throttled,
             stats.n_syncs
         )?;
-        writeln!(f, "faults injected: {}, shadow edits: {}", stats.n_faults, stats.n_shadow_edits)?;
+        let by_type: Vec<String> = stats.n_frames_by_type.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        writeln!(f, "frames by type: {}", by_type.join(", "))?;
+        writeln!(
+            f,
+            "faults injected: {}, shadow edits: {}, duplicates deduped by the cloud store: {}",
+            stats.n_faults, stats.n_shadow_edits, stats.n_duplicates_at_cloud
+        )?;
         let converge = match self.converge_ms {
             Some(ms) => format!("converged {} after the heal began", format_ms(ms)),
             None => "did NOT converge within the heal bound".to_string(),

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
-use tidesync_core::event::{DeviceId, Event, EventId, GatewayId, Millis, Payload, SensorReading, Seq, ShadowReported};
+use tidesync_core::event::{DeviceId, EventId, GatewayId, Millis, Payload, SensorReading, Seq, ShadowReported};
 use tidesync_core::ledger::{Ledger, MemLedger};
 use tidesync_core::shadow::{Section, ShadowLimits};
 use tidesync_core::sync::{Ingest, MemStore, SessionConfig, SessionEvent, ShadowKeeping, Uplink};
@@ -40,6 +40,13 @@ const RECONNECT_MS_MAX: u64 = 60_000;
 /// A client closes a connection whose handshake has not completed after this long (the QUIC
 /// handshake timeout of a real host).
 const HANDSHAKE_MS: u64 = 20_000;
+/// Sync health: a connection that sends more shadow sync frames than this within
+/// [`SHADOW_SPIN_WINDOW_MS`] is spinning (see the report) and is replaced by a fresh one.
+const SHADOW_SPIN_FRAMES_MAX: u32 = 100;
+/// The window of [`SHADOW_SPIN_FRAMES_MAX`].
+const SHADOW_SPIN_WINDOW_MS: u64 = 60_000;
+/// Oracle entry for a seq a device skipped; matches no event.
+const SEQ_SKIPPED_HASH: u64 = 0;
 /// How often the heal phase looks for quiescence.
 const CONVERGE_POLL_MS: u64 = 10_000;
 /// With the `ack_before_fsync` bug, how often gateways and the cloud sync.
@@ -306,6 +313,12 @@ pub struct Stats {
     pub n_shadow_edits: u64,
     /// Connections a client gave up on because the handshake did not complete.
     pub n_handshake_timeouts: u64,
+    /// Events a cloud session handed over that the store already held (deduped by the host).
+    pub n_duplicates_at_cloud: u64,
+    /// Connections replaced because their shadow sync spun.
+    pub n_shadow_spins: u64,
+    /// Frames sent, by frame type.
+    pub n_frames_by_type: BTreeMap<&'static str, u64>,
 }
 
 /// One point of the backlog plot.
@@ -341,12 +354,19 @@ pub struct World {
     stats: Stats,
     /// Per device, a hash of every event it made durable, by seq - 1: what its ledger acknowledged.
     pub(crate) oracle: Vec<Vec<u64>>,
+    /// Per device, the seq ranges it durably dropped under storage pressure: the ground truth of
+    /// what may be missing in the cloud.
+    pub(crate) drops: Vec<Vec<(Seq, Seq)>>,
     /// Things that must never happen (a store refused a batch the session handed over, a frame
     /// we encoded did not decode); each fails the run.
     pub(crate) anomalies: Vec<String>,
     plot: Vec<PlotPoint>,
     converged_at: Option<Millis>,
     finished: bool,
+    /// Per connection: start of the current window and shadow sync frames sent in it.
+    shadow_rate: BTreeMap<u64, (Millis, u32)>,
+    /// Connections found spinning, as (client endpoint, connection).
+    spinning: Vec<(Endpoint, u64)>,
 }
 
 fn device_store(device: DeviceId) -> MemStore {
@@ -364,20 +384,6 @@ fn gateway_store(gateway: GatewayId) -> MemStore {
 
 fn cloud_store() -> MemStore {
     MemStore::new("cloud", MemLedger::new(), ShadowKeeping::All, ShadowLimits::default())
-}
-
-/// A hash of an event's content: what the device made durable must reach the cloud unchanged.
-pub(crate) fn event_hash(event: &Event) -> u64 {
-    let mut digest = TraceDigest::new();
-    digest.u64(event.id.seq.0);
-    digest.u64(event.hlc.wall_ms);
-    digest.u64(u64::from(event.hlc.logical));
-    digest.u64(event.event_time.0);
-    digest.u64(u64::from(event.kind().tag()));
-    let mut body = Vec::new();
-    event.payload.encode_body(&mut body);
-    digest.bytes(&body);
-    digest.value()
 }
 
 impl World {
@@ -427,6 +433,7 @@ impl World {
         let heal_at = START_WALL.plus_ms(options.duration_ms);
         let mut world = Self {
             oracle: vec![Vec::new(); options.n_devices],
+            drops: vec![Vec::new(); options.n_devices],
             options,
             drawn,
             rng,
@@ -457,6 +464,8 @@ impl World {
             plot: Vec::new(),
             converged_at: None,
             finished: false,
+            shadow_rate: BTreeMap::new(),
+            spinning: Vec::new(),
         };
         world.schedule_start();
         world
@@ -749,10 +758,14 @@ impl World {
     fn send(&mut self, from: Endpoint, to: Endpoint, conn: u64, frame: &Frame) {
         let bytes = frame.to_bytes();
         self.stats.n_frames_sent += 1;
+        *self.stats.n_frames_by_type.entry(frame.name()).or_default() += 1;
         self.stats.n_bytes_sent += bytes.len() as u64;
         self.digest.u64(self.now.0);
         self.digest.u64(to.code());
         self.digest.bytes(&bytes);
+        if matches!(frame, Frame::ShadowSync(_)) && self.options.spin_watchdog {
+            self.count_shadow_frame(from, conn);
+        }
         let (link, direction) = self.link_of(from);
         let state = *self.link_state(link);
         if state.blocked(direction) || dice::chance(&mut self.rng, self.drawn.loss_percent) {
@@ -770,6 +783,51 @@ impl World {
             let at = self.now.plus_ms(delay_ms).max(state.stall_until);
             self.digest.u64(at.0 ^ copy);
             self.schedule(at, Action::Deliver { to, conn, bytes: bytes.clone() });
+        }
+    }
+
+    /// Sync health: counts shadow sync frames per connection and flags a connection that spins.
+    fn count_shadow_frame(&mut self, from: Endpoint, conn: u64) {
+        let now = self.now;
+        let (window_start, n_frames) = self.shadow_rate.entry(conn).or_insert((now, 0));
+        if now.since(*window_start) >= SHADOW_SPIN_WINDOW_MS {
+            *window_start = now;
+            *n_frames = 0;
+        }
+        *n_frames += 1;
+        if *n_frames == SHADOW_SPIN_FRAMES_MAX {
+            let client = match from {
+                Endpoint::Device(device) | Endpoint::GatewayIngest(_, device) => Endpoint::Device(device),
+                Endpoint::GatewayUplink(gateway) | Endpoint::CloudIngest(gateway) => Endpoint::GatewayUplink(gateway),
+            };
+            tracing::warn!(?client, conn, "shadow sync spins: replacing the connection");
+            self.spinning.push((client, conn));
+        }
+    }
+
+    /// Closes the connections found spinning; their clients connect again.
+    fn replace_spinning(&mut self) {
+        for (client, conn) in std::mem::take(&mut self.spinning) {
+            self.shadow_rate.remove(&conn);
+            match client {
+                Endpoint::Device(device) => {
+                    let node = &mut self.devices[device];
+                    if let Some(session) = node.session.take_if(|session| session.conn.id == conn) {
+                        self.stats.n_shadow_spins += 1;
+                        self.gateways[session.gateway].ingest.retain(|_, ingest| ingest.id != conn);
+                        self.schedule_device_connect(device);
+                    }
+                }
+                Endpoint::GatewayUplink(gateway) => {
+                    let node = &mut self.gateways[gateway];
+                    if node.uplink.take_if(|session| session.id == conn).is_some() {
+                        self.stats.n_shadow_spins += 1;
+                        self.cloud.ingest.retain(|_, ingest| ingest.id != conn);
+                        self.schedule_gateway_connect(gateway);
+                    }
+                }
+                Endpoint::GatewayIngest(..) | Endpoint::CloudIngest(_) => {}
+            }
         }
     }
 
@@ -909,6 +967,9 @@ impl World {
                 break;
             }
         }
+        if !self.spinning.is_empty() {
+            self.replace_spinning();
+        }
     }
 
     /// Group commit: nodes sync what they were handed, then acknowledge it. (With the
@@ -966,14 +1027,16 @@ impl World {
 
     /// Adds what a device made durable to the oracle.
     fn note_synced(&mut self, device: usize, synced: Synced) {
-        let node = &self.devices[device];
-        for id in synced.recorded {
-            let oracle = &mut self.oracle[device];
-            assert_eq!(id.seq.0, oracle.len() as u64 + 1, "a device makes its seqs durable in order");
-            match node.disk.durable().ledger.get(&id) {
-                Some(event) => oracle.push(event_hash(event)),
-                None => panic!("{id} was just made durable but is not held"),
+        self.drops[device].extend(synced.dropped);
+        let oracle = &mut self.oracle[device];
+        for (id, hash) in synced.recorded {
+            let expected = oracle.len() as u64 + 1;
+            if id.seq.0 != expected {
+                // Only a broken host gets here (a commit for seqs the device lost in a crash).
+                self.anomalies.push(format!("device made {id} durable, expected seq {expected} next"));
+                oracle.resize(id.seq.0.saturating_sub(1) as usize, SEQ_SKIPPED_HASH);
             }
+            oracle.push(hash);
         }
     }
 
@@ -1016,7 +1079,7 @@ impl World {
         }
         // Events must be durable before they leave the device: after a crash the device would
         // otherwise issue their seqs again for different events.
-        if node.disk.has_unsynced() {
+        if node.disk.has_unsynced() && !self.options.bugs.send_unsynced {
             let synced = node.disk.sync();
             self.note_synced(device, synced);
         }
@@ -1248,12 +1311,11 @@ impl World {
             match event {
                 SessionEvent::EventsReceived(batch) => {
                     // The event store dedupes by id: only events it does not hold get a position.
-                    let fresh: Vec<EventId> = batch
-                        .events
-                        .iter()
-                        .map(|event| event.id)
-                        .filter(|id| bugs.skip_dedupe || node.disk.live().ledger.get(id).is_none())
-                        .collect();
+                    let held = |id: &EventId| node.disk.live().ledger.get(id).is_some();
+                    let n_held = batch.events.iter().filter(|event| held(&event.id)).count();
+                    self.stats.n_duplicates_at_cloud += n_held as u64;
+                    let fresh: Vec<EventId> =
+                        batch.events.iter().map(|event| event.id).filter(|id| bugs.skip_dedupe || !held(id)).collect();
                     match node.disk.append(&batch) {
                         Ok(appended) => {
                             node.log_unsynced.extend(fresh);

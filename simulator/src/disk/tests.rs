@@ -53,7 +53,7 @@ fn replayed_state_equals_the_live_state() {
     let dropped = disk.drop_oldest(device(), 2, Millis(6)).unwrap();
     assert_eq!(dropped, (Seq(5), Seq(6)));
     let synced = disk.sync();
-    assert_eq!(synced.recorded.last().map(|id| id.seq), Some(Seq(11)), "the gap event counts as recorded");
+    assert_eq!(synced.recorded.last().map(|(id, _)| id.seq), Some(Seq(11)), "the gap event counts as recorded");
     let live: Vec<_> = disk.live().ledger.events(&device()).cloned().collect();
     let durable: Vec<_> = disk.durable().ledger.events(&device()).cloned().collect();
     assert_eq!(live, durable);
