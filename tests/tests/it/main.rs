@@ -6,6 +6,7 @@ mod gateway_crash;
 mod gateway_flow;
 mod gateway_security;
 mod roaming;
+mod tls_refusals;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
