@@ -1,5 +1,13 @@
 //! tidesync-cloud: the single source of truth.
 //!
-//! It will own the ingest server for gateways (core's `sync::Ingest` in its cloud role), the
-//! event store behind one trait (SQLite embedded, PostgreSQL at scale), subscriptions,
-//! projections, the HTTP API and the fleet dashboard. Filled by the cloud issue.
+//! Gateways connect over QUIC ([`server`]); each connection drives core's `sync::Ingest` in its
+//! cloud role over the [`store`] (SQLite embedded, PostgreSQL at scale), and commit acks go out
+//! only after a group commit made the events durable. [`subscription`]s catch up from a
+//! checkpoint and follow live appends; [`projection`]s fold the log into read models with their
+//! checkpoint in the same transaction; [`http`] serves them as JSON with Prometheus metrics.
+
+pub mod cli;
+pub mod store;
+pub mod subscription;
+
+pub use store::{Backend, CloudStore, EventReader, EventWriter, Position, StoreError, StoredEvent};

@@ -1,0 +1,450 @@
+//! The PostgreSQL backend, over the synchronous `postgres` client: call it only from blocking
+//! threads (the ingest core loop, the projection runner, `spawn_blocking` in the HTTP API).
+//!
+//! Tables live in a schema of their own (one per test, so tests run side by side). Events are
+//! inserted a batch per statement (`UNNEST` of column arrays), so a group commit costs a few round
+//! trips whatever its size. Writers serialize on an advisory transaction lock keyed by the schema,
+//! which keeps positions in commit order (see the module documentation of `store`).
+
+use std::collections::BTreeMap;
+
+use postgres::{Client, NoTls};
+use tidesync_core::event::{DeviceId, Event, EventId, Millis, Seq};
+
+use super::sqlite::{holes_json, shadow_row, stream_info};
+use super::{
+    device_of, encode_event, json_of, to_i64, to_u64, DeadLetter, EventReader, EventRow, EventWriter, IngestMeta,
+    Position, ShadowRow, StoreError, StoredEvent, StreamInfo, TimeCursor,
+};
+
+const SCHEMA_SQL: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    position       BIGINT PRIMARY KEY,
+    device         TEXT   NOT NULL,
+    seq            BIGINT NOT NULL,
+    hlc_wall_ms    BIGINT NOT NULL,
+    hlc_logical    BIGINT NOT NULL,
+    event_time_ms  BIGINT NOT NULL,
+    kind           BIGINT NOT NULL,
+    schema_version BIGINT NOT NULL,
+    body           BYTEA  NOT NULL,
+    gateway        TEXT   NOT NULL,
+    ingest_ms      BIGINT NOT NULL,
+    UNIQUE (device, seq)
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (device, event_time_ms, seq);
+CREATE TABLE IF NOT EXISTS streams (
+    device TEXT PRIMARY KEY,
+    high   BIGINT NOT NULL,
+    holes  TEXT   NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shadows (
+    device     TEXT PRIMARY KEY,
+    doc        BYTEA  NOT NULL,
+    view       TEXT   NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS projection_rows (
+    projection TEXT NOT NULL,
+    key        TEXT COLLATE "C" NOT NULL,
+    value      TEXT NOT NULL,
+    PRIMARY KEY (projection, key)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    projection TEXT PRIMARY KEY,
+    position   BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         BIGSERIAL PRIMARY KEY,
+    projection TEXT   NOT NULL,
+    position   BIGINT NOT NULL,
+    device     TEXT   NOT NULL,
+    seq        BIGINT NOT NULL,
+    reason     TEXT   NOT NULL
+);
+"#;
+
+const EVENT_COLUMNS: &str =
+    "position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms";
+
+/// A connection to a PostgreSQL cloud store.
+pub struct PostgresStore {
+    client: Client,
+    schema: String,
+    in_transaction: bool,
+    next_position: u64,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+fn event_row(row: &postgres::Row) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
+        position: row.try_get(0)?,
+        device: row.try_get(1)?,
+        seq: row.try_get(2)?,
+        hlc_wall_ms: row.try_get(3)?,
+        hlc_logical: row.try_get(4)?,
+        event_time_ms: row.try_get(5)?,
+        kind: row.try_get(6)?,
+        schema_version: row.try_get(7)?,
+        body: row.try_get(8)?,
+        gateway: row.try_get(9)?,
+        ingest_ms: row.try_get(10)?,
+    })
+}
+
+fn limit_of(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
+}
+
+/// Whether `schema` is a plain lowercase identifier (it is spliced into SQL).
+fn valid_schema(schema: &str) -> bool {
+    !schema.is_empty()
+        && schema.len() <= 63
+        && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl PostgresStore {
+    /// Connects to `url` and creates the schema and tables when missing.
+    pub fn open(url: &str, schema: &str) -> Result<Self, StoreError> {
+        let mut store = Self::connect(url, schema)?;
+        // Serialize schema creation: concurrent `CREATE ... IF NOT EXISTS` can still collide.
+        store.client.batch_execute("SELECT pg_advisory_lock(hashtext('tidesync-cloud-ddl'))")?;
+        let created = store.client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; {SCHEMA_SQL}"));
+        store.client.batch_execute("SELECT pg_advisory_unlock(hashtext('tidesync-cloud-ddl'))")?;
+        created?;
+        Ok(store)
+    }
+
+    /// Connects to an existing store for reading.
+    pub fn open_reader(url: &str, schema: &str) -> Result<Self, StoreError> {
+        Self::connect(url, schema)
+    }
+
+    fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
+        if !valid_schema(schema) {
+            return Err(StoreError::Corrupt {
+                what: "schema name",
+                detail: format!("{schema:?} is not [a-z_][a-z0-9_]*"),
+            });
+        }
+        let mut client = Client::connect(url, NoTls)?;
+        client.batch_execute(&format!("SET search_path TO {schema}"))?;
+        Ok(Self { client, schema: schema.to_string(), in_transaction: false, next_position: 1 })
+    }
+
+    fn query_events(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self.client.query(sql, params)?;
+        rows.iter().map(|row| event_row(row)?.into_stored()).collect()
+    }
+}
+
+impl EventReader for PostgresStore {
+    fn head(&mut self) -> Result<Position, StoreError> {
+        let row = self.client.query_one("SELECT COALESCE(MAX(position), 0)::BIGINT FROM events", &[])?;
+        Ok(Position(to_u64(row.try_get(0)?)))
+    }
+
+    fn read_from(&mut self, after: Position, max_events: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
+        self.query_events(&sql, &[&to_i64(after.0), &limit_of(max_events)])
+    }
+
+    fn read_seqs(
+        &mut self,
+        device: &DeviceId,
+        from: Seq,
+        to: Seq,
+        max_events: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE device = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        );
+        self.query_events(&sql, &[&device.as_str(), &to_i64(from.0), &to_i64(to.0), &limit_of(max_events)])
+    }
+
+    fn read_times(
+        &mut self,
+        device: &DeviceId,
+        from: Millis,
+        to: Millis,
+        cursor: Option<TimeCursor>,
+        max_events: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (after_time, after_seq) =
+            cursor.map_or((to_i64(from.0), -1), |(time, seq)| (to_i64(time.0), to_i64(seq.0)));
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE device = $1 AND event_time_ms >= $2 AND event_time_ms < $3
+             AND (event_time_ms, seq) > ($4, $5) ORDER BY event_time_ms, seq LIMIT $6"
+        );
+        self.query_events(
+            &sql,
+            &[&device.as_str(), &to_i64(from.0), &to_i64(to.0), &after_time, &after_seq, &limit_of(max_events)],
+        )
+    }
+
+    fn streams(&mut self) -> Result<BTreeMap<DeviceId, StreamInfo>, StoreError> {
+        let rows = self.client.query("SELECT device, high, holes FROM streams", &[])?;
+        rows.iter()
+            .map(|row| stream_info(row.try_get::<_, &str>(0)?, row.try_get(1)?, row.try_get::<_, &str>(2)?))
+            .collect()
+    }
+
+    fn shadow(&mut self, device: &DeviceId) -> Result<Option<ShadowRow>, StoreError> {
+        let row = self
+            .client
+            .query_opt("SELECT device, doc, view, updated_ms FROM shadows WHERE device = $1", &[&device.as_str()])?;
+        row.map(|row| shadow_row(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?)).transpose()
+    }
+
+    fn shadows(&mut self) -> Result<Vec<ShadowRow>, StoreError> {
+        let rows = self.client.query("SELECT device, doc, view, updated_ms FROM shadows ORDER BY device", &[])?;
+        rows.iter().map(|row| shadow_row(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?)).collect()
+    }
+
+    fn checkpoint(&mut self, projection: &str) -> Result<Position, StoreError> {
+        let row = self.client.query_opt("SELECT position FROM checkpoints WHERE projection = $1", &[&projection])?;
+        Ok(Position(match row {
+            Some(row) => to_u64(row.try_get(0)?),
+            None => 0,
+        }))
+    }
+
+    fn rows(
+        &mut self,
+        projection: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let upper = format!("{prefix}\u{10FFFF}");
+        let rows = self.client.query(
+            "SELECT key, value FROM projection_rows WHERE projection = $1 AND key >= $2 AND key < $3
+             ORDER BY key LIMIT $4",
+            &[&projection, &prefix, &upper, &limit_of(limit)],
+        )?;
+        rows.iter()
+            .map(|row| Ok((row.try_get::<_, String>(0)?, json_of("projection row", row.try_get::<_, &str>(1)?)?)))
+            .collect()
+    }
+
+    fn row(&mut self, projection: &str, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let row = self
+            .client
+            .query_opt("SELECT value FROM projection_rows WHERE projection = $1 AND key = $2", &[&projection, &key])?;
+        row.map(|row| json_of("projection row", row.try_get::<_, &str>(0)?)).transpose()
+    }
+
+    fn dead_letters(&mut self, projection: Option<&str>, limit: usize) -> Result<(Vec<DeadLetter>, u64), StoreError> {
+        let count: i64 = self
+            .client
+            .query_one("SELECT COUNT(*) FROM dead_letters WHERE $1::TEXT IS NULL OR projection = $1", &[&projection])?
+            .try_get(0)?;
+        let rows = self.client.query(
+            "SELECT projection, position, device, seq, reason FROM dead_letters
+             WHERE $1::TEXT IS NULL OR projection = $1 ORDER BY id DESC LIMIT $2",
+            &[&projection, &limit_of(limit)],
+        )?;
+        let letters = rows
+            .iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    projection: row.try_get(0)?,
+                    position: Position(to_u64(row.try_get(1)?)),
+                    id: EventId { device: device_of(row.try_get(2)?)?, seq: Seq(to_u64(row.try_get(3)?)) },
+                    reason: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((letters, to_u64(count)))
+    }
+}
+
+impl EventWriter for PostgresStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if !self.in_transaction {
+            self.client.batch_execute("BEGIN")?;
+            self.in_transaction = true;
+            let locked = self
+                .client
+                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.schema])
+                .map_err(StoreError::from)
+                .and_then(|_| self.head());
+            match locked {
+                Ok(head) => self.next_position = head.0 + 1,
+                Err(error) => {
+                    self.rollback();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if self.in_transaction {
+            self.in_transaction = false;
+            self.client.batch_execute("COMMIT")?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        if self.in_transaction {
+            self.in_transaction = false;
+            if let Err(error) = self.client.batch_execute("ROLLBACK") {
+                tracing::error!(%error, "rollback failed");
+            }
+        }
+    }
+
+    fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    fn insert_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
+        self.begin()?;
+        if events.is_empty() {
+            return Ok((0, Position(self.next_position - 1)));
+        }
+        let n = events.len();
+        let mut positions = Vec::with_capacity(n);
+        let mut devices = Vec::with_capacity(n);
+        let mut seqs = Vec::with_capacity(n);
+        let mut hlc_walls = Vec::with_capacity(n);
+        let mut hlc_logicals = Vec::with_capacity(n);
+        let mut event_times = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut bodies = Vec::with_capacity(n);
+        for (index, event) in events.iter().enumerate() {
+            let (body, kind, schema_version) = encode_event(event);
+            positions.push(to_i64(self.next_position + index as u64));
+            devices.push(event.id.device.as_str().to_string());
+            seqs.push(to_i64(event.id.seq.0));
+            hlc_walls.push(to_i64(event.hlc.wall_ms));
+            hlc_logicals.push(i64::from(event.hlc.logical));
+            event_times.push(to_i64(event.event_time.0));
+            kinds.push(kind);
+            versions.push(schema_version);
+            bodies.push(body);
+        }
+        let gateways = vec![meta.gateway.as_str().to_string(); n];
+        let ingests = vec![to_i64(meta.ingest_time.0); n];
+        let inserted = self.client.execute(
+            "INSERT INTO events
+             (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
+                                  $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[], $11::BIGINT[])
+             ON CONFLICT (device, seq) DO NOTHING",
+            &[
+                &positions,
+                &devices,
+                &seqs,
+                &hlc_walls,
+                &hlc_logicals,
+                &event_times,
+                &kinds,
+                &versions,
+                &bodies,
+                &gateways,
+                &ingests,
+            ],
+        )?;
+        // A conflicting row leaves its position unused: positions stay increasing, not dense.
+        self.next_position += n as u64;
+        Ok((usize::try_from(inserted).unwrap_or(usize::MAX), Position(self.next_position - 1)))
+    }
+
+    fn write_stream(&mut self, device: &DeviceId, high: Seq, holes: &[(Seq, Seq)]) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute(
+            "INSERT INTO streams (device, high, holes) VALUES ($1, $2, $3)
+             ON CONFLICT (device) DO UPDATE SET high = excluded.high, holes = excluded.holes",
+            &[&device.as_str(), &to_i64(high.0), &holes_json(holes)],
+        )?;
+        Ok(())
+    }
+
+    fn write_shadow(&mut self, row: &ShadowRow) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute(
+            "INSERT INTO shadows (device, doc, view, updated_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (device) DO UPDATE SET doc = excluded.doc, view = excluded.view, updated_ms = excluded.updated_ms",
+            &[&row.device.as_str(), &row.doc, &row.view.to_string(), &to_i64(row.updated.0)],
+        )?;
+        Ok(())
+    }
+
+    fn put_rows(&mut self, projection: &str, rows: &[(String, Option<serde_json::Value>)]) -> Result<(), StoreError> {
+        self.begin()?;
+        let mut put_keys = Vec::new();
+        let mut put_values = Vec::new();
+        let mut deleted = Vec::new();
+        for (key, value) in rows {
+            match value {
+                Some(value) => {
+                    put_keys.push(key.as_str());
+                    put_values.push(value.to_string());
+                }
+                None => deleted.push(key.as_str()),
+            }
+        }
+        if !put_keys.is_empty() {
+            self.client.execute(
+                "INSERT INTO projection_rows (projection, key, value)
+                 SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[])
+                 ON CONFLICT (projection, key) DO UPDATE SET value = excluded.value",
+                &[&projection, &put_keys, &put_values],
+            )?;
+        }
+        if !deleted.is_empty() {
+            self.client.execute(
+                "DELETE FROM projection_rows WHERE projection = $1 AND key = ANY($2::TEXT[])",
+                &[&projection, &deleted],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn clear_projection(&mut self, projection: &str) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute("DELETE FROM projection_rows WHERE projection = $1", &[&projection])?;
+        self.client.execute("DELETE FROM checkpoints WHERE projection = $1", &[&projection])?;
+        self.client.execute("DELETE FROM dead_letters WHERE projection = $1", &[&projection])?;
+        Ok(())
+    }
+
+    fn set_checkpoint(&mut self, projection: &str, position: Position) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute(
+            "INSERT INTO checkpoints (projection, position) VALUES ($1, $2)
+             ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
+            &[&projection, &to_i64(position.0)],
+        )?;
+        Ok(())
+    }
+
+    fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute(
+            "INSERT INTO dead_letters (projection, position, device, seq, reason) VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &letter.projection,
+                &to_i64(letter.position.0),
+                &letter.id.device.as_str(),
+                &to_i64(letter.id.seq.0),
+                &letter.reason,
+            ],
+        )?;
+        Ok(())
+    }
+}
