@@ -3,8 +3,11 @@
 //! The tests live in `tests/it/`; this library holds what they share: a fleet PKI in a temp
 //! directory ([`Fleet`]), a test cloud built from core's `Ingest::for_cloud` over a `MemStore`
 //! ([`TestCloud`], until the cloud crate replaces it), a device driven by core's
-//! `Uplink::for_device` over a `MemStore` ([`sync_device`], until the device agent's uplink lands),
-//! and gateway configs.
+//! `Uplink::for_device` over a `MemStore` ([`sync_device`]; the device agent's own uplink is
+//! tested in `tests/it/roaming.rs`), gateway configs, and [`load`]: many devices against one
+//! gateway, and the JSON-over-TCP ingest baseline.
+
+pub mod load;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

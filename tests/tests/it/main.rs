@@ -5,6 +5,7 @@
 mod gateway_crash;
 mod gateway_flow;
 mod gateway_security;
+mod load;
 mod roaming;
 mod tls_refusals;
 
