@@ -1,6 +1,175 @@
-//! The `tidesync-cloud` command line.
+//! The `tidesync-cloud` command: `run` (ingest server, projections, HTTP), `projections rebuild
+//! NAME` and `projections status`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::projection::{self, builtin, Runner};
+use crate::server::{self, ServerOptions};
+
+/// tidesync cloud: event store, projections, HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "tidesync-cloud", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the cloud until SIGTERM or SIGINT.
+    Run {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Projections of the store.
+    Projections {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// What to do with them.
+        #[command(subcommand)]
+        action: ProjectionAction,
+    },
+}
+
+/// What to do with projections.
+#[derive(Debug, Subcommand)]
+pub enum ProjectionAction {
+    /// Clears a projection and folds it again from position 0.
+    Rebuild {
+        /// Its name (see `status`).
+        name: String,
+    },
+    /// Prints each projection's checkpoint, lag and dead letters as JSON.
+    Status,
+}
 
 /// Runs the command; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tidesync-cloud: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Executes a parsed command line.
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_until_signal(config))
+        }
+        Command::Projections { config, action } => {
+            let config = Config::load(&config)?;
+            let backend = config.backend();
+            match action {
+                ProjectionAction::Rebuild { name } => {
+                    let mut runner = Runner::new(
+                        backend.open_writer().context("cannot open the store")?,
+                        builtin(config.alerts.clone()),
+                    );
+                    let started = std::time::Instant::now();
+                    let Some(n_events) = runner.rebuild(&name).context("rebuild failed")? else {
+                        bail!("no projection named {name:?}; there are {}", runner.names().join(", "));
+                    };
+                    println!(
+                        "rebuilt {name} from position 0: {n_events} events in {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    Ok(())
+                }
+                ProjectionAction::Status => {
+                    let names = Runner::new(backend.open_writer()?, builtin(config.alerts.clone())).names();
+                    let mut reader = backend.open_reader()?;
+                    let status = projection::status(&mut *reader, &names)?;
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Starts everything `config` asks for and runs until SIGTERM or SIGINT, then shuts down
+/// gracefully (group commit, goodbyes, projections stopped between transactions).
+pub async fn run_until_signal(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    running.shutdown().await
+}
+
+/// Everything a running cloud is made of.
+#[derive(Debug)]
+pub struct Cloud {
+    /// The ingest server.
+    pub ingest: server::Running,
+    projections: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Cloud {
+    /// Stops ingest (gracefully), then the projection runner.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let result = self.ingest.shutdown().await;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.projections.take() {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result.context("ingest server")
+    }
+}
+
+/// Starts the ingest server and the projection runner of `config`.
+pub async fn start(config: Config) -> anyhow::Result<Cloud> {
+    let credentials = config.credentials()?;
+    let backend = config.backend();
+    if let crate::store::Backend::Sqlite { .. } = backend {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    }
+    let options = ServerOptions {
+        listen: config.listen,
+        backend: backend.clone(),
+        credentials,
+        transport: config.limits.transport(),
+        session: config.limits.session(),
+    };
+    let ingest = server::start(options).await.context("cannot start the ingest server")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let head = Arc::clone(ingest.head_watch());
+    let rules = config.alerts.clone();
+    let runner_stop = Arc::clone(&stop);
+    let projections = tokio::task::spawn_blocking(move || projection::spawn(&backend, rules, head, runner_stop))
+        .await
+        .context("projection runner")??;
+    Ok(Cloud { ingest, projections: Some(projections), stop })
 }

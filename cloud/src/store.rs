@@ -137,9 +137,9 @@ pub enum StoreError {
         #[source]
         source: Box<ShadowError>,
     },
-    /// Another process holds the store's writer lock.
-    #[error("another writer holds the store")]
-    Locked,
+    /// A worker thread of the store could not start.
+    #[error("cannot start a store thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 impl StoreError {

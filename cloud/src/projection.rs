@@ -1,0 +1,272 @@
+//! Projections: read models folded from the log (CQRS).
+//!
+//! A [`Projection`] is a pure fold: given its rows and the next event (in position order) it
+//! updates rows. The [`Runner`] reads events past each projection's checkpoint, folds them, and
+//! writes the changed rows *and the new checkpoint in one transaction*, so each event takes effect
+//! exactly once even across crashes. Folding from position 0 gives identical rows, which is what
+//! [`Runner::rebuild`] does. An event a projection cannot apply goes to the dead-letter table with
+//! its reason (its partial changes are discarded) and the fold goes on.
+//!
+//! Invariant: a projection's rows depend only on the log up to its checkpoint (no clock, no
+//! randomness, no order but position order), so rebuild = incremental fold.
+
+pub mod builtin;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::{Backend, DeadLetter, EventReader, EventWriter, HeadWatch, StoreError, StoredEvent};
+
+pub use builtin::{builtin, AlertRule};
+
+/// Events folded per transaction, at most.
+pub const BATCH_EVENTS_MAX: usize = 2_000;
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The event does not fit the projection (it goes to the dead-letter table).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The store failed (the batch is rolled back and retried).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A projection's rows as seen during a fold: reads fall through to the store, writes stay in
+/// memory until the runner writes them with the checkpoint.
+pub struct Rows<'a> {
+    writer: &'a mut dyn EventWriter,
+    projection: &'a str,
+    /// Changes of the events applied so far in this batch.
+    batch: BTreeMap<String, Option<serde_json::Value>>,
+    /// Changes of the event being applied (dropped if it is rejected).
+    staged: BTreeMap<String, Option<serde_json::Value>>,
+}
+
+impl Rows<'_> {
+    /// The row at `key`.
+    pub fn get(&mut self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        if let Some(value) = self.staged.get(key).or_else(|| self.batch.get(key)) {
+            return Ok(value.clone());
+        }
+        self.writer.row(self.projection, key)
+    }
+
+    /// Sets the row at `key`.
+    pub fn put(&mut self, key: String, value: serde_json::Value) {
+        self.staged.insert(key, Some(value));
+    }
+
+    /// Deletes the row at `key`.
+    pub fn delete(&mut self, key: String) {
+        self.staged.insert(key, None);
+    }
+
+    fn keep(&mut self) {
+        let staged = std::mem::take(&mut self.staged);
+        self.batch.extend(staged);
+    }
+
+    fn discard(&mut self) {
+        self.staged.clear();
+    }
+}
+
+/// A fold of the log into rows.
+pub trait Projection: Send {
+    /// Its stable name (also its table namespace and the name `rebuild` takes).
+    fn name(&self) -> &str;
+
+    /// Folds one event into the rows.
+    fn apply(&self, rows: &mut Rows<'_>, event: &StoredEvent) -> Result<(), ApplyError>;
+}
+
+/// A projection's progress.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// Its name.
+    pub name: String,
+    /// The last position folded.
+    pub checkpoint: u64,
+    /// The log's head.
+    pub head: u64,
+    /// Events not folded yet.
+    pub lag_events: u64,
+    /// Events it could not apply, so far.
+    pub dead_letters: u64,
+}
+
+/// Folds the log into projections. Owns a writer of its own, beside the ingest writer.
+pub struct Runner {
+    writer: Box<dyn EventWriter>,
+    projections: Vec<Box<dyn Projection>>,
+    batch_events_max: usize,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.projections.iter().map(|projection| projection.name()).collect();
+        f.debug_struct("Runner").field("projections", &names).finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// A runner of `projections` over `writer`.
+    pub fn new(writer: Box<dyn EventWriter>, projections: Vec<Box<dyn Projection>>) -> Self {
+        Self { writer, projections, batch_events_max: BATCH_EVENTS_MAX }
+    }
+
+    /// Sets how many events one transaction folds (smaller: shorter writer-lock holds).
+    pub fn with_batch_events_max(mut self, batch_events_max: usize) -> Self {
+        self.batch_events_max = batch_events_max.max(1);
+        self
+    }
+
+    /// The names of the projections.
+    pub fn names(&self) -> Vec<String> {
+        self.projections.iter().map(|projection| projection.name().to_string()).collect()
+    }
+
+    /// Folds one batch of events past the lowest checkpoint, in one transaction. Returns how
+    /// many events were read (0: every projection is at the head).
+    pub fn step(&mut self) -> Result<usize, StoreError> {
+        let result = self.step_in_transaction();
+        if result.is_err() {
+            self.writer.rollback();
+        }
+        result
+    }
+
+    fn step_in_transaction(&mut self) -> Result<usize, StoreError> {
+        self.writer.begin()?;
+        // Checkpoints are read under the writer lock, so two runners never fold an event twice.
+        let mut checkpoints = Vec::with_capacity(self.projections.len());
+        for projection in &self.projections {
+            checkpoints.push(self.writer.checkpoint(projection.name())?);
+        }
+        let Some(from) = checkpoints.iter().min().copied() else {
+            self.writer.rollback();
+            return Ok(0);
+        };
+        let events = self.writer.read_from(from, self.batch_events_max)?;
+        let Some(last) = events.last().map(|event| event.position) else {
+            self.writer.rollback();
+            return Ok(0);
+        };
+        for (projection, checkpoint) in self.projections.iter().zip(checkpoints) {
+            let name = projection.name().to_string();
+            let mut letters = Vec::new();
+            let mut rows =
+                Rows { writer: &mut *self.writer, projection: &name, batch: BTreeMap::new(), staged: BTreeMap::new() };
+            for event in events.iter().filter(|event| event.position > checkpoint) {
+                match projection.apply(&mut rows, event) {
+                    Ok(()) => rows.keep(),
+                    Err(ApplyError::Rejected(reason)) => {
+                        rows.discard();
+                        tracing::warn!(projection = %name, id = %event.event.id, %reason, "dead letter");
+                        letters.push(DeadLetter {
+                            projection: name.clone(),
+                            position: event.position,
+                            id: event.event.id,
+                            reason,
+                        });
+                    }
+                    Err(ApplyError::Store(error)) => return Err(error),
+                }
+            }
+            let changed: Vec<(String, Option<serde_json::Value>)> = rows.batch.into_iter().collect();
+            self.writer.put_rows(&name, &changed)?;
+            for letter in &letters {
+                self.writer.add_dead_letter(letter)?;
+            }
+            if last > checkpoint {
+                self.writer.set_checkpoint(&name, last)?;
+            }
+        }
+        self.writer.commit()?;
+        Ok(events.len())
+    }
+
+    /// Folds until every projection is at the head; returns the events read.
+    pub fn catch_up(&mut self) -> Result<u64, StoreError> {
+        let mut n_events = 0u64;
+        loop {
+            let n = self.step()?;
+            if n == 0 {
+                return Ok(n_events);
+            }
+            n_events += n as u64;
+        }
+    }
+
+    /// Clears projection `name` (rows, checkpoint, dead letters) and folds it again from
+    /// position 0. Returns `None` if there is no such projection.
+    pub fn rebuild(&mut self, name: &str) -> Result<Option<u64>, StoreError> {
+        if !self.projections.iter().any(|projection| projection.name() == name) {
+            return Ok(None);
+        }
+        self.writer.begin()?;
+        self.writer.clear_projection(name)?;
+        self.writer.commit()?;
+        tracing::info!(projection = name, "rebuilding from position 0");
+        self.catch_up().map(Some)
+    }
+
+    /// Runs until `stop` is set: folds what there is, then sleeps until the head moves.
+    pub fn run(mut self, head: Arc<HeadWatch>, stop: Arc<AtomicBool>) {
+        let mut failures_in_a_row = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            match self.step() {
+                Ok(0) => {
+                    failures_in_a_row = 0;
+                    let seen = head.get();
+                    // Woken by the next commit; the timeout only bounds the wait for `stop`.
+                    head.wait_past(seen, Duration::from_millis(200));
+                }
+                Ok(_) => failures_in_a_row = 0,
+                Err(error) => {
+                    failures_in_a_row += 1;
+                    tracing::error!(%error, failures_in_a_row, "projection step failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(failures_in_a_row.min(20))));
+                }
+            }
+        }
+    }
+}
+
+/// Every projection's progress, read through `reader`.
+pub fn status(reader: &mut dyn EventReader, names: &[String]) -> Result<Vec<Status>, StoreError> {
+    let head = reader.head()?;
+    names
+        .iter()
+        .map(|name| {
+            let checkpoint = reader.checkpoint(name)?;
+            let (_, dead_letters) = reader.dead_letters(Some(name), 0)?;
+            Ok(Status {
+                name: name.clone(),
+                checkpoint: checkpoint.0,
+                head: head.0,
+                lag_events: head.0.saturating_sub(checkpoint.0),
+                dead_letters,
+            })
+        })
+        .collect()
+}
+
+/// Starts a runner of the built-in projections on a thread of its own.
+pub fn spawn(
+    backend: &Backend,
+    rules: Vec<AlertRule>,
+    head: Arc<HeadWatch>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let runner = Runner::new(backend.open_writer()?, builtin(rules));
+    std::thread::Builder::new()
+        .name("tidesync-projections".into())
+        .spawn(move || runner.run(head, stop))
+        .map_err(StoreError::Thread)
+}

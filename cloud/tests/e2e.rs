@@ -1,0 +1,199 @@
+//! The full path over real QUIC on 127.0.0.1: a device agent (`tidesync_device::uplink`) → a real
+//! gateway daemon (`tidesync_gateway::start`) → this cloud (`tidesync_cloud::start`, SQLite):
+//! every event lands in the cloud store exactly once, commits flow back to the device (which
+//! prunes), projections fold it all, and desired state written in the cloud reaches the device.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use tidesync_cloud::store::{Backend, Position};
+use tidesync_cloud::Config;
+use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading};
+use tidesync_core::net::pki::{FleetCa, Identity};
+use tidesync_core::net::quic::TransportLimits;
+use tidesync_core::net::tls::Credentials;
+use tidesync_core::sync::SessionConfig;
+use tidesync_core::value::Value;
+use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig};
+use tokio::sync::watch;
+
+fn wall() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
+}
+
+/// Writes `identity`'s certificate and key as `dir/name.pem` and `dir/name.key`.
+fn issue(ca: &FleetCa, identity: Identity, serial: u64, dir: &Path, name: &str) -> Credentials {
+    let now = wall();
+    let issued = ca.issue(identity, serial, Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), &issued.key_pem).unwrap();
+    Credentials { ca_pem: ca.cert_pem().to_string(), cert_pem: issued.cert_pem, key_pem: issued.key_pem, crl_pem: None }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn record(agent: &Agent, from: u64, n: u64) {
+    let items: Vec<(Millis, Payload)> = (from..from + n)
+        .map(|i| {
+            (
+                Millis(1_700_000_000_000 + i * 1_000),
+                Payload::Reading(SensorReading { sensor: "temp".into(), value: (i % 100) as f64, unit: "Cel".into() }),
+            )
+        })
+        .collect();
+    agent.record_batch(&items).unwrap();
+}
+
+fn cloud_config(dir: &Path) -> Config {
+    let text = r#"
+        listen = "127.0.0.1:0"
+        data_dir = "data"
+        [tls]
+        ca = "ca.pem"
+        cert = "cloud.pem"
+        key = "cloud.key"
+        [[alerts]]
+        name = "hot"
+        sensor = "temp"
+        above = 98.5
+    "#;
+    Config::parse(text, &dir.join("cloud.toml")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_state_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = wall();
+    let ca = FleetCa::create("e2e", Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    issue(&ca, Identity::Cloud, 1, dir.path(), "cloud");
+    let gateway_id = GatewayId::new("gw-1").unwrap();
+    issue(&ca, Identity::Gateway(gateway_id), 2, dir.path(), "gateway");
+    let device = DeviceId::new("sensor-1").unwrap();
+    let device_credentials = issue(&ca, Identity::Device(device), 3, dir.path(), "device");
+
+    let config = cloud_config(dir.path());
+    let backend = config.backend();
+    let cloud = tidesync_cloud::start(config).await.unwrap();
+    let cloud_addr = cloud.ingest.quic_addr();
+
+    let gateway_config = tidesync_gateway::Config {
+        gateway: gateway_id,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        spool: dir.path().join("spool.sqlite3"),
+        spool_budget_bytes: 64 * 1024 * 1024,
+        tls: tidesync_gateway::config::TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("gateway.pem"),
+            key: dir.path().join("gateway.key"),
+            crl: None,
+        },
+        upstream: Some(tidesync_gateway::config::Upstream { addr: cloud_addr, reconnect_ms: 100 }),
+        limits: tidesync_gateway::config::Limits { retransmit_ms: 1_000, ..Default::default() },
+    };
+    let gateway = tidesync_gateway::start(gateway_config).await.unwrap();
+
+    let store = DeviceStore::create(&dir.path().join("ledger.sqlite3"), device, LedgerConfig::default()).unwrap();
+    let agent = Arc::new(Agent::start(store).unwrap());
+    record(&agent, 1, 2_000);
+    agent.report("firmware", Value::Text("2.0.0".into())).unwrap();
+    let watch_desired = agent.watch_desired().unwrap();
+    let counters = Arc::new(UplinkCounters::default());
+    let (stop, shutdown) = watch::channel(false);
+    let options = UplinkOptions {
+        gateways: vec![gateway.quic_addr()],
+        credentials: device_credentials,
+        session: SessionConfig { retransmit_ms: 500, ..SessionConfig::default() },
+        transport: TransportLimits { idle_timeout_ms: 5_000, keep_alive_ms: 500, ..TransportLimits::default() },
+        connect_timeout_ms: 2_000,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 400,
+    };
+    let device_uplink = tokio::spawn(uplink::run(
+        Arc::clone(&agent),
+        options,
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(7),
+        shutdown,
+    ));
+
+    // Commits reach the device: the cloud made all 2,001 events durable.
+    wait_until("the device hears the cloud's commit of every event", Duration::from_secs(60), || {
+        counters.snapshot().committed_seq == 2_001
+    })
+    .await;
+    // Live events go the whole way too.
+    record(&agent, 2_002, 50);
+    wait_until("the live events are committed", Duration::from_secs(30), || counters.snapshot().committed_seq == 2_051)
+        .await;
+
+    // Exactly once in the cloud store.
+    let reader_backend = backend.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut reader = reader_backend.open_reader().unwrap();
+        reader.read_from(Position(0), 100_000).unwrap()
+    })
+    .await
+    .unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|event| event.event.id.seq.0).collect();
+    assert_eq!(seqs, (1..=2_051).collect::<Vec<_>>(), "every event once, in order");
+    assert!(stored.iter().all(|event| event.meta.gateway == gateway_id));
+    let positions: Vec<u64> = stored.iter().map(|event| event.position.0).collect();
+    assert_eq!(positions, (1..=2_051).collect::<Vec<_>>());
+
+    // Desired state written in the cloud reaches the device through the gateway.
+    let mut entries = std::collections::BTreeMap::new();
+    entries.insert("interval_s".to_string(), Some(Value::Int(30)));
+    cloud.ingest.control().set_desired(device, entries).await.unwrap();
+    let desired = tokio::task::spawn_blocking(move || watch_desired.recv_timeout(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("desired state reaches the device");
+    assert_eq!(desired.as_map().unwrap().get("interval_s"), Some(&Value::Int(30)));
+
+    // Projections caught up with the log.
+    let status_backend = backend.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status_backend = status_backend.clone();
+        let (lag, presence, alerts) = tokio::task::spawn_blocking(move || {
+            let mut reader = status_backend.open_reader().unwrap();
+            let names: Vec<String> =
+                ["latest", "minute", "hour", "presence", "gaps", "alerts"].map(String::from).into();
+            let status = tidesync_cloud::projection::status(&mut *reader, &names).unwrap();
+            let lag: u64 = status.iter().map(|projection| projection.lag_events).sum();
+            (lag, reader.row("presence", "sensor-1").unwrap(), reader.rows("alerts", "alert|", 1_000).unwrap())
+        })
+        .await
+        .unwrap();
+        if lag == 0 {
+            let presence = presence.unwrap();
+            assert_eq!(presence["n_events"], 2_051);
+            assert_eq!(presence["gateway"], "gw-1");
+            // Values cycle 0..=99; "hot" (> 98.5) fires at each 99 after a lower value: i % 100 == 99.
+            let expected = (1..=2_051u64).filter(|i| *i <= 2_000 || *i >= 2_002).filter(|i| i % 100 == 99).count();
+            assert_eq!(alerts.len(), expected);
+            break;
+        }
+        assert!(Instant::now() < deadline, "projections did not catch up: lag {lag}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(backend, Backend::Sqlite { .. }));
+
+    stop.send(true).unwrap();
+    device_uplink.await.unwrap().unwrap();
+    gateway.shutdown().await.unwrap();
+    cloud.shutdown().await.unwrap();
+}
