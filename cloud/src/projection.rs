@@ -134,18 +134,29 @@ impl Runner {
     /// Folds one batch of events past the lowest checkpoint, in one transaction. Returns how
     /// many events were read (0: every projection is at the head).
     pub fn step(&mut self) -> Result<usize, StoreError> {
-        let result = self.step_in_transaction();
+        self.step_only(None)
+    }
+
+    /// [`Runner::step`] for one projection (`Some(name)`) or all.
+    fn step_only(&mut self, only: Option<&str>) -> Result<usize, StoreError> {
+        let result = self.step_in_transaction(only);
         if result.is_err() {
             self.writer.rollback();
         }
         result
     }
 
-    fn step_in_transaction(&mut self) -> Result<usize, StoreError> {
+    fn step_in_transaction(&mut self, only: Option<&str>) -> Result<usize, StoreError> {
         self.writer.begin()?;
         // Checkpoints are read under the writer lock, so two runners never fold an event twice.
-        let mut checkpoints = Vec::with_capacity(self.projections.len());
-        for projection in &self.projections {
+        let selected: Vec<&dyn Projection> = self
+            .projections
+            .iter()
+            .map(|projection| &**projection)
+            .filter(|projection| only.is_none_or(|name| projection.name() == name))
+            .collect();
+        let mut checkpoints = Vec::with_capacity(selected.len());
+        for projection in &selected {
             checkpoints.push(self.writer.checkpoint(projection.name())?);
         }
         let Some(from) = checkpoints.iter().min().copied() else {
@@ -157,7 +168,7 @@ impl Runner {
             self.writer.rollback();
             return Ok(0);
         };
-        for (projection, checkpoint) in self.projections.iter().zip(checkpoints) {
+        for (projection, checkpoint) in selected.into_iter().zip(checkpoints) {
             let name = projection.name().to_string();
             let mut letters = Vec::new();
             let mut rows =
@@ -193,9 +204,13 @@ impl Runner {
 
     /// Folds until every projection is at the head; returns the events read.
     pub fn catch_up(&mut self) -> Result<u64, StoreError> {
+        self.catch_up_only(None)
+    }
+
+    fn catch_up_only(&mut self, only: Option<&str>) -> Result<u64, StoreError> {
         let mut n_events = 0u64;
         loop {
-            let n = self.step()?;
+            let n = self.step_only(only)?;
             if n == 0 {
                 return Ok(n_events);
             }
@@ -213,7 +228,7 @@ impl Runner {
         self.writer.clear_projection(name)?;
         self.writer.commit()?;
         tracing::info!(projection = name, "rebuilding from position 0");
-        self.catch_up().map(Some)
+        self.catch_up_only(Some(name)).map(Some)
     }
 
     /// Runs until `stop` is set: folds what there is, then sleeps until the head moves.
