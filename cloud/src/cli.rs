@@ -132,6 +132,10 @@ pub async fn run_until_signal(config: Config) -> anyhow::Result<()> {
 pub struct Cloud {
     /// The ingest server.
     pub ingest: server::Running,
+    /// Where the HTTP API listens, if configured.
+    pub http_addr: Option<std::net::SocketAddr>,
+    http: Option<tokio::task::JoinHandle<()>>,
+    http_stop: tokio::sync::watch::Sender<bool>,
     projections: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
@@ -139,6 +143,10 @@ pub struct Cloud {
 impl Cloud {
     /// Stops ingest (gracefully), then the projection runner.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.http_stop.send(true);
+        if let Some(http) = self.http.take() {
+            let _ = http.await;
+        }
         let result = self.ingest.shutdown().await;
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.projections.take() {
@@ -168,8 +176,20 @@ pub async fn start(config: Config) -> anyhow::Result<Cloud> {
     let head = Arc::clone(ingest.head_watch());
     let rules = config.alerts.clone();
     let runner_stop = Arc::clone(&stop);
-    let projections = tokio::task::spawn_blocking(move || projection::spawn(&backend, rules, head, runner_stop))
+    let runner_backend = backend.clone();
+    let projections = tokio::task::spawn_blocking(move || projection::spawn(&runner_backend, rules, head, runner_stop))
         .await
         .context("projection runner")??;
-    Ok(Cloud { ingest, projections: Some(projections), stop })
+    let (http_stop, http_stop_rx) = tokio::sync::watch::channel(false);
+    let (http_addr, http) = match config.http_listen {
+        Some(addr) => {
+            let state = Arc::new(crate::http::AppState::new(backend, ingest.control(), Arc::clone(ingest.live())));
+            let (bound, task) = crate::http::spawn(addr, state, http_stop_rx)
+                .await
+                .with_context(|| format!("cannot serve http on {addr}"))?;
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
+    Ok(Cloud { ingest, http_addr, http, http_stop, projections: Some(projections), stop })
 }

@@ -58,6 +58,7 @@ fn record(agent: &Agent, from: u64, n: u64) {
 fn cloud_config(dir: &Path) -> Config {
     let text = r#"
         listen = "127.0.0.1:0"
+        http_listen = "127.0.0.1:0"
         data_dir = "data"
         [tls]
         ca = "ca.pem"
@@ -153,10 +154,25 @@ async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_s
     let positions: Vec<u64> = stored.iter().map(|event| event.position.0).collect();
     assert_eq!(positions, (1..=2_051).collect::<Vec<_>>());
 
-    // Desired state written in the cloud reaches the device through the gateway.
-    let mut entries = std::collections::BTreeMap::new();
-    entries.insert("interval_s".to_string(), Some(Value::Int(30)));
-    cloud.ingest.control().set_desired(device, entries).await.unwrap();
+    // Desired state written through the cloud's HTTP API reaches the device through the gateway.
+    let http_addr = cloud.http_addr.unwrap();
+    let status_line = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let body = r#"{"interval_s": 30}"#;
+        let mut stream = std::net::TcpStream::connect(http_addr).unwrap();
+        let request = format!(
+            "PATCH /api/devices/sensor-1/desired HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response.lines().next().unwrap_or_default().to_string()
+    })
+    .await
+    .unwrap();
+    assert!(status_line.contains(" 200 "), "{status_line}");
     let desired = tokio::task::spawn_blocking(move || watch_desired.recv_timeout(Duration::from_secs(20)))
         .await
         .unwrap()
