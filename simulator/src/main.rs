@@ -10,6 +10,8 @@ use tidesync_sim::options::{parse_duration_ms, parse_faults, parse_seed_range};
 use tidesync_sim::report::format_ms;
 use tidesync_sim::{Bugs, Outcome, SimOptions, World};
 
+mod demo;
+
 #[derive(Parser, Debug)]
 #[command(name = "tidesync-sim", about = "Deterministic fleet simulation of tidesync's sync protocol")]
 struct Cli {
@@ -29,6 +31,25 @@ enum Command {
         /// Write an SVG plot of backlog and shadow convergence over simulated time.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+    },
+    /// The real system in one process over QUIC on 127.0.0.1: a cloud, two gateways and a fleet
+    /// of device agents go through outages and converge; prints a summary.
+    Demo {
+        /// Devices in the fleet.
+        #[arg(long, default_value_t = 24)]
+        devices: usize,
+        /// Seconds of recording per phase.
+        #[arg(long, default_value_t = 3)]
+        phase_secs: u64,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 10)]
+        rate_hz: u64,
+        /// Keep the data in this directory (default: a new temporary directory, kept).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// Stop after the summary instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit: bool,
     },
     /// Run many seeds and print a pass/fail summary; exit non-zero if any failed.
     Sweep {
@@ -155,6 +176,25 @@ fn main() -> Result<()> {
             let outcome = run_one(options, fleet.quiet, plot.as_deref())?;
             if !outcome.passed() {
                 std::process::exit(1);
+            }
+        }
+        Command::Demo { devices, phase_secs, rate_hz, data_dir, exit } => {
+            let options = demo::DemoOptions { devices, phase_secs, rate_hz, data_dir };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let summary = runtime.block_on(demo::run(&options))?;
+            println!("{summary}");
+            if !summary.passed() {
+                std::process::exit(1);
+            }
+            if !exit {
+                println!("data kept in {}; press Ctrl-C to exit", summary.data_dir.display());
+                runtime.block_on(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                });
             }
         }
         Command::Sweep { fleet, seeds } => {
