@@ -17,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use rand_core::SeedableRng;
-use tidesync_cloud::server::{self as cloud, ServerOptions};
 use tidesync_cloud::store::Backend;
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading, Seq};
 use tidesync_core::net::pki::{FleetCa, Identity};
@@ -41,6 +40,10 @@ pub(crate) struct DemoOptions {
     pub(crate) rate_hz: u64,
     /// Keep the data here instead of a temporary directory.
     pub(crate) data_dir: Option<PathBuf>,
+    /// Port of the cloud's HTTP API (0: any free port).
+    pub(crate) http_port: u16,
+    /// Stop after the summary instead of serving until Ctrl-C.
+    pub(crate) exit: bool,
 }
 
 /// What the demo found.
@@ -64,6 +67,8 @@ pub(crate) struct DemoSummary {
     pub(crate) device_sessions: u64,
     /// Where the data is.
     pub(crate) data_dir: PathBuf,
+    /// The cloud's HTTP API.
+    pub(crate) http: String,
 }
 
 impl DemoSummary {
@@ -88,6 +93,7 @@ impl std::fmt::Display for DemoSummary {
         writeln!(f, "  devices with the cloud's desired: {} of {}", self.devices_converged, self.devices)?;
         writeln!(f, "  device sessions (incl. roaming): {}", self.device_sessions)?;
         writeln!(f, "  converged after healing in:      {} ms", self.converge_ms)?;
+        writeln!(f, "  data (SQLite files, PKI):        {}", self.data_dir.display())?;
         write!(f, "  result:                          {}", if self.passed() { "PASS" } else { "FAIL" })
     }
 }
@@ -268,24 +274,33 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
     say(&format!("data in {}", dir.display()));
     let mut pki = Pki::new(&dir.join("pki"))?;
 
-    // The cloud.
-    let cloud_credentials = pki.credentials(Identity::Cloud)?;
-    let cloud_db = dir.join("cloud.sqlite3");
-    let cloud = cloud::start(ServerOptions {
-        listen: free_udp_port()?,
-        backend: Backend::Sqlite { path: cloud_db.clone() },
-        credentials: cloud_credentials,
-        transport: TransportLimits::default(),
-        session: SessionConfig::default(),
-    })
-    .await
-    .context("starting the cloud")?;
-    say(&format!("cloud ingest on {} (SQLite {})", cloud.quic_addr(), cloud_db.display()));
+    // The cloud: ingest, projections and the HTTP API, as `tidesync-cloud run` starts them.
+    let (cloud_cert, cloud_key) = pki.files(Identity::Cloud, "cloud")?;
+    let cloud_toml = dir.join("cloud.toml");
+    std::fs::write(
+        &cloud_toml,
+        format!(
+            "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\ndata_dir = {data:?}\n\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            listen = free_udp_port()?,
+            http_port = options.http_port,
+            data = dir,
+            ca = pki.dir.join("ca.pem"),
+            cert = cloud_cert,
+            key = cloud_key,
+        ),
+    )?;
+    let cloud = tidesync_cloud::cli::start(tidesync_cloud::config::Config::load(&cloud_toml)?)
+        .await
+        .context("starting the cloud")?;
+    let cloud_db = dir.join(tidesync_cloud::config::SQLITE_FILE);
+    let cloud_quic = cloud.ingest.quic_addr();
+    let http = cloud.http_addr.map(|addr| format!("http://{addr}/")).unwrap_or_default();
+    say(&format!("cloud ingest on {cloud_quic}, HTTP on {http} (SQLite {})", cloud_db.display()));
 
     // Two gateways.
     let mut gateways = Vec::new();
     for name in ["gateway-a", "gateway-b"] {
-        let mut gateway = Gateway::new(&mut pki, &dir, name, cloud.quic_addr())?;
+        let mut gateway = Gateway::new(&mut pki, &dir, name, cloud_quic)?;
         gateway.start().await.with_context(|| format!("starting {name}"))?;
         say(&format!("{name} on {}", gateway.addr()));
         gateways.push(gateway);
@@ -344,7 +359,7 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
     for index in &offline {
         devices[*index].go_offline().await;
     }
-    let control = cloud.control();
+    let control = cloud.ingest.control();
     for device in &devices {
         let mut entries = BTreeMap::new();
         entries.insert("interval_s".to_string(), Some(Value::Int(30)));
@@ -428,6 +443,11 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
         summary.device_sessions += device.counters.snapshot().sessions;
     }
 
+    println!("{summary}");
+    if !options.exit {
+        println!("fleet API and dashboard: {} (Ctrl-C to stop)", summary.http);
+        tokio::signal::ctrl_c().await?;
+    }
     for device in &mut devices {
         device.go_offline().await;
     }

@@ -47,6 +47,9 @@ enum Command {
         /// Keep the data in this directory (default: a new temporary directory, kept).
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
+        /// Port of the cloud's HTTP API and dashboard (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
         /// Stop after the summary instead of waiting for Ctrl-C.
         #[arg(long)]
         exit: bool,
@@ -178,23 +181,16 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Demo { devices, phase_secs, rate_hz, data_dir, exit } => {
-            let options = demo::DemoOptions { devices, phase_secs, rate_hz, data_dir };
+        Command::Demo { devices, phase_secs, rate_hz, data_dir, http_port, exit } => {
+            let options = demo::DemoOptions { devices, phase_secs, rate_hz, data_dir, http_port, exit };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             let summary = runtime.block_on(demo::run(&options))?;
-            println!("{summary}");
             if !summary.passed() {
                 std::process::exit(1);
-            }
-            if !exit {
-                println!("data kept in {}; press Ctrl-C to exit", summary.data_dir.display());
-                runtime.block_on(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                });
             }
         }
         Command::Sweep { fleet, seeds } => {

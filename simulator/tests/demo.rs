@@ -9,7 +9,19 @@ use std::process::Command;
 fn the_demo_converges_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = Command::new(env!("CARGO_BIN_EXE_tidesync-sim"))
-        .args(["demo", "--devices", "6", "--phase-secs", "1", "--rate-hz", "20", "--exit", "--data-dir"])
+        .args([
+            "demo",
+            "--devices",
+            "6",
+            "--phase-secs",
+            "1",
+            "--rate-hz",
+            "20",
+            "--http-port",
+            "0",
+            "--exit",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .expect("the demo runs");
@@ -18,4 +30,5 @@ fn the_demo_converges_and_says_so() {
     assert!(stdout.contains("devices with every event once:   6 of 6"), "{stdout}");
     assert!(stdout.contains("result:                          PASS"), "{stdout}");
     assert!(dir.path().join("cloud.sqlite3").exists(), "the cloud's store is a real file");
+    assert!(stdout.contains("HTTP on http://127.0.0.1:"), "{stdout}");
 }
