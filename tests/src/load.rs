@@ -2,11 +2,13 @@
 //! the ingest benchmark share this driver.
 //!
 //! Every device has its own identity (a certificate from one fleet CA), its own QUIC endpoint and
-//! a core `Uplink::for_device` over a `MemStore` holding its events. All devices connect first;
-//! once every one is connected (or has failed) they start sending together, so the figures are
-//! those of N devices connected at once. Throughput is counted from that start to the last custody
-//! ack: events per second from custody request to custody ack, the gateway's group commits
-//! included. [`json`] is the baseline: the same events as JSON over plain TCP into the same spool.
+//! a core `Uplink::for_device` over a `MemStore` holding its events. All devices connect first
+//! (QUIC, mutual TLS, `Hello`/`Welcome`); once every one is connected (or has failed) they start
+//! sending together, so the figures are those of N devices connected at once. Throughput is
+//! counted from that start to the last custody ack: events per second from custody request to
+//! custody ack, the gateway's group commits included. Bytes per event are counted after the
+//! handshake; the handshake's bytes are reported per connection. [`json`] is the baseline: the
+//! same events as JSON over plain TCP into the same spool.
 
 pub mod json;
 
@@ -86,12 +88,16 @@ pub struct LoadReport {
     pub custody_elapsed: Duration,
     /// Time to connect every device.
     pub connect_elapsed: Duration,
-    /// Stream bytes device → gateway (frames as encoded).
+    /// Stream bytes device → gateway after the handshake (frames as encoded).
     pub frame_bytes_up: u64,
     /// Stream bytes gateway → device.
     pub frame_bytes_down: u64,
-    /// UDP payload bytes in both directions (QUIC headers, encryption, acks included).
+    /// UDP payload bytes in both directions after the sessions were established (QUIC headers,
+    /// encryption, acks, keep-alives included).
     pub udp_bytes: u64,
+    /// UDP payload bytes of the connections' handshakes (QUIC, TLS with both certificates, and
+    /// the session's Hello and Welcome), both directions.
+    pub udp_handshake_bytes: u64,
     /// Backpressure frames the devices received.
     pub n_throttled: u64,
 }
@@ -118,7 +124,7 @@ impl std::fmt::Display for LoadReport {
         write!(
             f,
             "devices {} connected {} (in {:.2} s), events {} custody {} committed {}, {:.0} events/s, \
-             {:.2} frame B/event, {:.2} UDP B/event, throttled {}, errors {}",
+             {:.2} frame B/event, {:.2} UDP B/event, {:.0} UDP B/handshake, throttled {}, errors {}",
             self.n_devices,
             self.n_connected,
             self.connect_elapsed.as_secs_f64(),
@@ -128,6 +134,7 @@ impl std::fmt::Display for LoadReport {
             self.events_per_s(),
             self.frame_bytes_per_event(),
             self.udp_bytes_per_event(),
+            self.udp_handshake_bytes as f64 / self.n_connected.max(1) as f64,
             self.n_throttled,
             self.n_errors,
         )?;
@@ -147,6 +154,7 @@ struct DeviceOutcome {
     frame_bytes_up: u64,
     frame_bytes_down: u64,
     udp_bytes: u64,
+    udp_handshake_bytes: u64,
     n_throttled: u64,
     last_custody_at: Option<Instant>,
     error: Option<String>,
@@ -206,6 +214,7 @@ pub async fn run(gateway: SocketAddr, devices: Vec<DeviceIdentity>, options: &Lo
         report.frame_bytes_up += outcome.frame_bytes_up;
         report.frame_bytes_down += outcome.frame_bytes_down;
         report.udp_bytes += outcome.udp_bytes;
+        report.udp_handshake_bytes += outcome.udp_handshake_bytes;
         report.n_throttled += outcome.n_throttled;
         if let Some(at) = outcome.last_custody_at {
             last_custody_at = last_custody_at.max(at);
@@ -235,30 +244,47 @@ async fn run_device(
     let mut outcome = DeviceOutcome::default();
     let device = identity.device;
     let limits = TransportLimits::default();
+    // Connect and say hello before the start, so the gateway holds every session at once; the
+    // session's events wait for the start (the gateway closes a connection whose stream stays
+    // silent, so the handshake cannot wait).
     let setup = async {
         let _permit = connects.acquire().await.context("connect permits")?;
         let client = Client::bind(crate::loopback_any(), &identity.credentials, &limits).context("bind")?;
         let left_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let link = client.connect(gateway, pki::GATEWAY_SERVER_NAME, left_ms.max(1)).await.context("connect")?;
-        let stream = link.open_stream(&limits).await.context("open stream")?;
-        anyhow::Ok((client, link, stream))
+        let (mut sender, mut receiver) = link.open_stream(&limits).await.context("open stream")?.split();
+        let mut uplink = Uplink::for_device(device, options.session.clone(), wall_now());
+        while let Some(frame) = uplink.poll_transmit(wall_now(), &mut store)? {
+            sender.queue(&frame)?;
+        }
+        sender.flush().await?;
+        let welcome = receiver.recv().await.context("welcome")?.context("the gateway ended the stream")?;
+        uplink.handle_frame(wall_now(), welcome, &mut store)?;
+        anyhow::ensure!(
+            matches!(uplink.poll_event(), Some(SessionEvent::Established { .. })),
+            "no session after the handshake"
+        );
+        anyhow::Ok((client, link, sender, receiver, uplink))
     };
     let setup = setup.await;
     // Everyone waits here, connected or failed, so that sending starts together.
     connected.wait().await;
-    let (client, link, stream) = match setup {
+    let (client, link, mut sender, mut receiver, mut uplink) = match setup {
         Ok(parts) => parts,
         Err(error) => {
             outcome.error = Some(format!("{device}: {error:#}"));
             return outcome;
         }
     };
+    outcome.connected = true;
+    // What the handshake cost is counted apart: the figures per event are for the sending.
+    let handshake = link.connection().stats();
+    outcome.udp_handshake_bytes = handshake.udp_tx.bytes + handshake.udp_rx.bytes;
+    let (frames_up_before, frames_down_before) = (sender.n_bytes(), receiver.n_bytes());
     if start.wait_for(Option::is_some).await.is_err() {
         outcome.error = Some(format!("{device}: no start signal"));
         return outcome;
     }
-    let (mut sender, mut receiver) = stream.split();
-    let mut uplink = Uplink::for_device(device, options.session.clone(), wall_now());
     let n_events = Seq(options.n_events_per_device);
     let result: anyhow::Result<()> = async {
         loop {
@@ -269,7 +295,6 @@ async fn run_device(
             sender.flush().await?;
             while let Some(event) = uplink.poll_event() {
                 match event {
-                    SessionEvent::Established { .. } => outcome.connected = true,
                     SessionEvent::Custody { up_to, .. } if up_to > outcome.custody => {
                         outcome.custody = up_to;
                         outcome.last_custody_at = Some(Instant::now());
@@ -317,10 +342,10 @@ async fn run_device(
     if let Err(error) = result {
         outcome.error = Some(format!("{device}: {error:#}"));
     }
-    outcome.frame_bytes_up = sender.n_bytes();
-    outcome.frame_bytes_down = receiver.n_bytes();
+    outcome.frame_bytes_up = sender.n_bytes() - frames_up_before;
+    outcome.frame_bytes_down = receiver.n_bytes() - frames_down_before;
     let stats = link.connection().stats();
-    outcome.udp_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
+    outcome.udp_bytes = (stats.udp_tx.bytes + stats.udp_rx.bytes).saturating_sub(outcome.udp_handshake_bytes);
     link.close(CloseCode::Done);
     client.shutdown(CloseCode::Done, 200).await;
     outcome

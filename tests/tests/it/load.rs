@@ -41,3 +41,29 @@ async fn a_hundred_concurrent_devices_deliver_every_event_exactly_once() {
     drop(state);
     cloud.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_baseline_stores_every_event_once_before_acknowledging() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_path = dir.path().join("json-spool.db");
+    let server = load::json::JsonServer::start(&spool_path).await.unwrap();
+    let devices: Vec<DeviceId> = (0..10).map(|index| DeviceId::new(&format!("json-{index}")).unwrap()).collect();
+    let options = LoadOptions {
+        n_devices: devices.len(),
+        n_events_per_device: 300,
+        session: SessionConfig { batch_events_max: 64, ..SessionConfig::default() },
+        until_committed: false,
+        timeout: Duration::from_secs(30),
+    };
+    let report = load::json::run(server.addr(), &devices, &options).await;
+    assert_eq!(report.n_errors, 0, "{report}");
+    assert_eq!(report.n_custody, 3_000, "{report}");
+    assert!(report.frame_bytes_up > 3_000 * 50, "JSON is not that small: {report}");
+    let n_commits = server.stop().await.unwrap();
+    assert!(n_commits > 0 && n_commits < 3_000u64.div_ceil(64), "{n_commits} group commits");
+    let spool = tidesync_gateway::spool::Spool::open_read_only(&spool_path).unwrap();
+    assert_eq!(spool.stats().n_events, 3_000);
+    for device in &devices {
+        assert_eq!(tidesync_core::ledger::Ledger::high(&spool, device).0, 300);
+    }
+}
