@@ -91,11 +91,16 @@ async fn round(n_devices: usize, options: &LoadOptions) -> anyhow::Result<Round>
 }
 
 fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; anything else (`cargo test --all-targets`) gets a smoke run
+    // that only shows the benchmark still works.
+    let smoke = !std::env::args().any(|arg| arg == "--bench");
+    let (events_total, scenarios, default_rounds): (u64, &[usize], usize) =
+        if smoke { (2_000, &[1, 10], 1) } else { (EVENTS_TOTAL, &[1, 100, 1_000], ROUNDS) };
     let rounds: usize =
-        std::env::var("TIDESYNC_BENCH_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(ROUNDS);
+        std::env::var("TIDESYNC_BENCH_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(default_rounds);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     println!(
-        "gateway ingest vs JSON over TCP into the same spool; {EVENTS_TOTAL} events per scenario, median of {rounds}"
+        "gateway ingest vs JSON over TCP into the same spool; {events_total} events per scenario, median of {rounds}"
     );
     println!(
         "{:>8} {:>14} {:>14} {:>7} {:>14} {:>11} {:>11} {:>11} {:>13} {:>10}",
@@ -112,10 +117,10 @@ fn main() -> anyhow::Result<()> {
     );
     let mut at_100 = None;
     let mut bytes_per_event = Vec::new();
-    for n_devices in [1usize, 100, 1_000] {
+    for &n_devices in scenarios {
         let options = LoadOptions {
             n_devices,
-            n_events_per_device: EVENTS_TOTAL / n_devices as u64,
+            n_events_per_device: events_total / n_devices as u64,
             session: SessionConfig::default(),
             until_committed: false,
             timeout: Duration::from_secs(300),
