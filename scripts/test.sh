@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of tidesync on a fresh machine: installs what is missing (the
-# Cortex-M target for the no_std build), then fmt, clippy with warnings denied, the no_std build
+# Cortex-M target for the no_std build, a PostgreSQL server for the cloud's store), then fmt, clippy with warnings denied, the no_std build
 # of core, the dependency rule of core, and every test of the workspace. Exits non-zero on the
 # first failure.
 set -euo pipefail
@@ -41,6 +41,10 @@ if cargo tree --locked -p tidesync-core -e normal --prefix none | grep -E '^(tok
     echo "tidesync-core pulls in an IO crate (see above)" >&2
     exit 1
 fi
+
+step "PostgreSQL for the cloud store tests (installed from Debian's packages when missing)"
+eval "$(bash cloud/scripts/postgres.sh)"
+echo "TIDESYNC_TEST_POSTGRES_URL=$TIDESYNC_TEST_POSTGRES_URL"
 
 step "tests"
 cargo test --workspace --locked --no-fail-fast
