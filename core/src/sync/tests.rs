@@ -254,6 +254,43 @@ fn desired_state_set_in_the_cloud_reaches_a_gateway_that_learns_of_the_device_mi
 }
 
 #[test]
+fn a_gateway_prunes_what_the_cloud_got_through_another_gateway() {
+    // Gateway A holds five events of the device; the cloud already has them (they went up
+    // through gateway B while A could not reach it). A's next session must let A prune them.
+    let mut spool = MemStore::new("gateway:a", MemLedger::pruning(), ShadowKeeping::All, ShadowLimits::default());
+    let mut cloud = MemStore::new("cloud", MemLedger::new(), ShadowKeeping::All, ShadowLimits::default());
+    for index in 0..5 {
+        spool.ledger.record(device(), Millis(index), Millis(index), reading(1.0)).unwrap();
+        cloud.ledger.record(device(), Millis(index), Millis(index), reading(1.0)).unwrap();
+    }
+    let gateway = GatewayId::new("a").unwrap();
+    let mut uplink = Uplink::for_gateway(gateway, SessionConfig::default(), Millis(0));
+    let mut ingest = Ingest::for_cloud(gateway, SessionConfig::default(), Millis(0));
+    let mut events_received = 0;
+    for round in 0..5 {
+        let now = Millis(round);
+        while let Some(frame) = uplink.poll_transmit(now, &mut spool).unwrap() {
+            ingest.handle_frame(now, frame, &mut cloud).unwrap();
+        }
+        while let Some(event) = ingest.poll_event() {
+            if let SessionEvent::EventsReceived(_) = event {
+                events_received += 1;
+            }
+        }
+        while let Some(frame) = ingest.poll_transmit(now, &mut cloud) {
+            uplink.handle_frame(now, frame, &mut spool).unwrap();
+        }
+        while let Some(event) = uplink.poll_event() {
+            if let SessionEvent::Committed { device, up_to } = event {
+                spool.mark_committed(device, up_to).unwrap();
+            }
+        }
+    }
+    assert_eq!(events_received, 0, "nothing is sent again");
+    assert!(spool.ledger.is_empty(), "the spool drops what the cloud holds");
+}
+
+#[test]
 fn a_silent_peer_times_out() {
     let mut on_device = device_store();
     record(&mut on_device, 2);

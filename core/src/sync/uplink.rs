@@ -203,9 +203,18 @@ impl Uplink {
         if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&welcome.protocol) {
             return Err(SessionError::ProtocolVersion { peer_min: welcome.protocol, peer_max: welcome.protocol });
         }
-        for (device, _) in self.hello_vv(store).iter() {
+        for (device, high) in self.hello_vv(store).iter() {
             let acked = welcome.vv.get(device);
             self.streams.insert(*device, OutStream { acked, next: acked.next(), ..OutStream::default() });
+            // The cloud's welcome says what its store holds: events this gateway forwarded
+            // earlier, or that reached the cloud through another gateway, are committed, and the
+            // spool may drop them now rather than keep them forever.
+            if let Peer::Gateway(_) = self.me {
+                let committed = acked.min(high);
+                if committed > Seq::ZERO {
+                    self.common.emit(SessionEvent::Committed { device: *device, up_to: committed });
+                }
+            }
         }
         for device in store.shadow_devices() {
             self.handle_shadow_changed(device);

@@ -7,6 +7,7 @@ mod gateway_flow;
 mod gateway_security;
 mod load;
 mod roaming;
+mod roaming_spool_drain;
 mod tls_refusals;
 
 use std::path::Path;
