@@ -11,7 +11,7 @@
 //! then `handle_durable`; mark commits; relay commits and shadow changes), send `poll_transmit`.
 //! Invariant: nothing here reads a real clock or an unseeded random source.
 
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -204,6 +204,27 @@ impl Ord for Scheduled {
     }
 }
 
+/// Endpoints to pump, in order, each at most once however often it was poked.
+#[derive(Debug, Default)]
+struct WorkQueue {
+    order: VecDeque<Endpoint>,
+    queued: BTreeSet<Endpoint>,
+}
+
+impl WorkQueue {
+    fn push(&mut self, endpoint: Endpoint) {
+        if self.queued.insert(endpoint) {
+            self.order.push_back(endpoint);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Endpoint> {
+        let endpoint = self.order.pop_front()?;
+        self.queued.remove(&endpoint);
+        Some(endpoint)
+    }
+}
+
 /// A session of either end with its connection id and armed timer.
 #[derive(Debug)]
 struct Conn<S> {
@@ -349,7 +370,7 @@ pub struct World {
     pub(crate) gateways: Vec<Gateway>,
     pub(crate) cloud: Cloud,
     device_index: BTreeMap<DeviceId, usize>,
-    work: VecDeque<Endpoint>,
+    work: WorkQueue,
     digest: TraceDigest,
     stats: Stats,
     /// Per device, a hash of every event it made durable, by seq - 1: what its ledger acknowledged.
@@ -457,7 +478,7 @@ impl World {
                 projection: Projection::new(),
             },
             device_index,
-            work: VecDeque::new(),
+            work: WorkQueue::default(),
             digest: TraceDigest::new(),
             stats: Stats::default(),
             anomalies: Vec::new(),
@@ -904,7 +925,7 @@ impl World {
                     self.stats.n_session_errors += 1;
                     tracing::debug!(?to, %error, "session refused a frame");
                 }
-                self.work.push_back(to);
+                self.work.push(to);
             }
         }
     }
@@ -930,7 +951,7 @@ impl World {
             }
         };
         if fired.is_some() {
-            self.work.push_back(at);
+            self.work.push(at);
         }
     }
 
@@ -955,7 +976,7 @@ impl World {
     /// Pumps every endpoint with work until none has any, syncing and acknowledging in between.
     fn settle(&mut self) {
         loop {
-            while let Some(endpoint) = self.work.pop_front() {
+            while let Some(endpoint) = self.work.pop() {
                 match endpoint {
                     Endpoint::Device(device) => self.pump_device(device),
                     Endpoint::GatewayIngest(gateway, device) => self.pump_gateway_ingest(gateway, device),
@@ -988,7 +1009,7 @@ impl World {
                 if let Endpoint::GatewayIngest(_, device) = endpoint {
                     if let Some(session) = node.ingest.get_mut(&device).filter(|session| session.id == conn) {
                         session.session.handle_durable(now, device_id, high);
-                        self.work.push_back(endpoint);
+                        self.work.push(endpoint);
                     }
                 }
             }
@@ -1000,7 +1021,7 @@ impl World {
                 if let Endpoint::CloudIngest(gateway) = endpoint {
                     if let Some(session) = self.cloud.ingest.get_mut(&gateway).filter(|session| session.id == conn) {
                         session.session.handle_durable(now, device_id, high);
-                        self.work.push_back(endpoint);
+                        self.work.push(endpoint);
                     }
                 }
             }
@@ -1184,7 +1205,7 @@ impl World {
         let deadline = session.session.poll_timeout();
         let timer_at = session.timer_at;
         if uplink_work {
-            self.work.push_back(Endpoint::GatewayUplink(gateway));
+            self.work.push(Endpoint::GatewayUplink(gateway));
         }
         for frame in &frames {
             self.send(endpoint, Endpoint::Device(device), conn, frame);
@@ -1254,7 +1275,7 @@ impl World {
                     None => ingest.session.handle_shadow_changed(device_id),
                 }
                 if let Some(device) = device {
-                    self.work.push_back(Endpoint::GatewayIngest(gateway, device));
+                    self.work.push(Endpoint::GatewayIngest(gateway, device));
                 }
             }
         }
@@ -1355,7 +1376,7 @@ impl World {
             for (other, session) in node.ingest.iter_mut() {
                 if *other != gateway {
                     session.session.handle_shadow_changed(device_id);
-                    self.work.push_back(Endpoint::CloudIngest(*other));
+                    self.work.push(Endpoint::CloudIngest(*other));
                 }
             }
         }
@@ -1452,8 +1473,8 @@ impl World {
         self.gateways[gateway].ingest.insert(device, Conn { id: conn, session: ingest, timer_at: None });
         self.digest.u64(conn);
         self.schedule(self.now.plus_ms(HANDSHAKE_MS), Action::HandshakeDeadline { at: Endpoint::Device(device), conn });
-        self.work.push_back(Endpoint::Device(device));
-        self.work.push_back(Endpoint::GatewayIngest(gateway, device));
+        self.work.push(Endpoint::Device(device));
+        self.work.push(Endpoint::GatewayIngest(gateway, device));
     }
 
     fn connect_gateway(&mut self, gateway: usize) {
@@ -1477,8 +1498,8 @@ impl World {
             self.now.plus_ms(HANDSHAKE_MS),
             Action::HandshakeDeadline { at: Endpoint::GatewayUplink(gateway), conn },
         );
-        self.work.push_back(Endpoint::GatewayUplink(gateway));
-        self.work.push_back(Endpoint::CloudIngest(gateway));
+        self.work.push(Endpoint::GatewayUplink(gateway));
+        self.work.push(Endpoint::CloudIngest(gateway));
     }
 
     // ----- workload -----
@@ -1553,7 +1574,7 @@ impl World {
         self.stats.n_shadow_edits += 1;
         if let Some(session) = node.session.as_mut() {
             session.conn.session.handle_shadow_changed(id);
-            self.work.push_back(Endpoint::Device(device));
+            self.work.push(Endpoint::Device(device));
         }
         self.enforce_budget(device);
     }
@@ -1576,7 +1597,7 @@ impl World {
         self.stats.n_shadow_edits += 1;
         for (gateway, session) in self.cloud.ingest.iter_mut() {
             session.session.handle_shadow_changed(id);
-            self.work.push_back(Endpoint::CloudIngest(*gateway));
+            self.work.push(Endpoint::CloudIngest(*gateway));
         }
     }
 
@@ -1637,7 +1658,7 @@ impl World {
                 node.home = gateway;
                 if let Some(session) = node.session.as_mut() {
                     session.conn.session.close(GoodbyeReason::Roaming);
-                    self.work.push_back(Endpoint::Device(device));
+                    self.work.push(Endpoint::Device(device));
                 }
             }
             Fault::ClockJump { device, delta_ms } => {
