@@ -137,10 +137,14 @@ impl MemLedger {
     pub fn drop_oldest(&mut self, device: DeviceId, n: usize, wall: Millis) -> Option<(Seq, Seq)> {
         let stream = self.streams.get_mut(&device)?;
         let doomed: Vec<Seq> = stream.events.keys().copied().filter(|seq| *seq > stream.committed).take(n).collect();
-        let (first, last) = (*doomed.first()?, *doomed.last()?);
+        let (mut first, last) = (*doomed.first()?, *doomed.last()?);
         // Only a contiguous prefix of what is held can become a hole the batch format can declare.
         for seq in &doomed {
-            stream.events.remove(seq);
+            // A gap event dropped now takes its explanation with it: the new gap covers the
+            // seqs it named too, so every hole stays explained by a gap event that survives.
+            if let Some(Event { payload: Payload::Gap(dropped), .. }) = stream.events.remove(seq) {
+                first = first.min(dropped.first);
+            }
         }
         let gap = Payload::Gap(crate::event::Gap { first, last, reason: crate::event::GapReason::StorageFull });
         // A gap payload with first <= last validates; recording cannot fail.
@@ -275,5 +279,35 @@ impl Ledger for MemLedger {
             stream.holes.retain(|first, _| *first > up_to);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Gap, SensorReading};
+
+    fn reading(value: f64) -> Payload {
+        Payload::Reading(SensorReading { sensor: "t".into(), value, unit: "Cel".into() })
+    }
+
+    #[test]
+    fn dropping_a_gap_event_widens_the_next_gap_so_every_hole_stays_explained() {
+        let device = DeviceId::new("d").unwrap();
+        let mut ledger = MemLedger::pruning();
+        for i in 0..4 {
+            ledger.record(device, Millis(i), Millis(i), reading(i as f64)).unwrap();
+        }
+        assert_eq!(ledger.drop_oldest(device, 2, Millis(10)), Some((Seq(1), Seq(2))));
+        // Seqs 3, 4 and the gap event at 5 go now.
+        ledger.drop_oldest(device, 3, Millis(11));
+        let gaps: Vec<(Seq, Seq)> = ledger
+            .events(&device)
+            .filter_map(|event| match &event.payload {
+                Payload::Gap(Gap { first, last, .. }) => Some((*first, *last)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gaps, vec![(Seq(1), Seq(5))]);
     }
 }

@@ -9,13 +9,6 @@ use tidesync_sim::{run, Bugs, FaultKind, Outcome, SimOptions};
 /// minutes in a debug build on a busy 2-core machine.
 const DEFAULT_SEEDS: u64 = 160;
 
-/// Checks that fail because of known core bugs (see the simulator's report in the issue): a
-/// device under storage pressure may drop an earlier `Gap` event with the events, so the cloud
-/// holds a hole no gap event explains. The ground-truth check (`gaps_explained`: every hole is a
-/// range the device really dropped) still has to pass. Remove the entry when core is fixed; the
-/// test `known_core_bug_is_still_detected` tells when.
-const KNOWN_CORE_BUG_CHECKS: [&str; 1] = ["gap_events_cover_holes"];
-
 fn small(seed: u64) -> SimOptions {
     SimOptions::new(4, 2, 90 * 60_000, seed)
 }
@@ -24,12 +17,9 @@ fn seed_count() -> u64 {
     std::env::var("TIDESYNC_SIM_SEEDS").ok().and_then(|text| text.parse().ok()).unwrap_or(DEFAULT_SEEDS)
 }
 
-/// Runs `seeds` and returns the outcomes that failed a check other than a known core bug's.
+/// Runs `seeds` and returns the outcomes that failed a check.
 fn unexpected_failures(seeds: impl Iterator<Item = u64>, options: impl Fn(u64) -> SimOptions) -> Vec<Outcome> {
-    seeds
-        .map(|seed| run(options(seed), |_, _| {}))
-        .filter(|outcome| outcome.failures.iter().any(|failure| !KNOWN_CORE_BUG_CHECKS.contains(&failure.check)))
-        .collect()
+    seeds.map(|seed| run(options(seed), |_, _| {})).filter(|outcome| !outcome.failures.is_empty()).collect()
 }
 
 fn describe(failed: &[Outcome]) -> String {
@@ -101,11 +91,13 @@ fn sending_events_before_they_are_durable_is_caught() {
 }
 
 #[test]
-fn known_core_bug_is_still_detected() {
-    // Seed 34 of this fleet drops a gap event under storage pressure (see KNOWN_CORE_BUG_CHECKS).
-    let outcome = run(SimOptions::new(5, 2, 2 * 3_600_000, 34), |_, _| {});
-    let checks: Vec<&str> = outcome.failures.iter().map(|failure| failure.check).collect();
-    assert_eq!(checks, ["gap_events_cover_holes"], "{outcome}");
+fn dropped_gap_events_leave_no_unexplained_hole() {
+    // Seeds 34 and 107 of this fleet drop an earlier gap event under storage pressure; before
+    // core widened the next gap over it, the cloud ended with a hole no gap event explained.
+    for seed in [34, 107] {
+        let outcome = run(SimOptions::new(5, 2, 2 * 3_600_000, seed), |_, _| {});
+        assert!(outcome.failures.is_empty(), "{outcome}");
+    }
 }
 
 #[test]
