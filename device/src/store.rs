@@ -835,19 +835,30 @@ impl DeviceStore {
     }
 
     /// Deletes the oldest held events, at most up to `up_to`, until at least `need_bytes` are
-    /// freed. Returns the deleted seqs.
+    /// freed. Returns the seqs a gap for them must name: the deleted ones, widened back over the
+    /// seqs named by any gap event among them.
     fn evict_oldest(&mut self, need_bytes: u64, up_to: Seq) -> Result<Option<(Seq, Seq)>, rusqlite::Error> {
         let first = self.state.low;
+        let mut covered_from = first;
         let mut last = None;
         {
-            let mut statement = self
-                .db
-                .prepare_cached("SELECT seq, length(body) FROM events WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
-            let mut rows = statement.query(params![first.0, up_to.0])?;
+            let mut statement = self.db.prepare_cached(
+                "SELECT seq, length(body), schema_version, CASE WHEN kind = ?3 THEN body END FROM events
+                 WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
+            )?;
+            let mut rows = statement.query(params![first.0, up_to.0, EventKind::Gap.tag()])?;
             let mut freed_bytes = 0;
             while let Some(row) = rows.next()? {
                 let seq: u64 = row.get(0)?;
                 let body_bytes: u64 = row.get(1)?;
+                // A gap event dropped now takes its explanation with it: the gap recorded for
+                // this eviction must cover the seqs it named too.
+                if let Some(body) = row.get::<_, Option<Vec<u8>>>(3)? {
+                    let schema_version: u16 = row.get(2)?;
+                    if let Ok(Payload::Gap(dropped)) = Payload::decode_body(EventKind::Gap, schema_version, &body) {
+                        covered_from = covered_from.min(dropped.first);
+                    }
+                }
                 freed_bytes += body_bytes + EVENT_ROW_OVERHEAD_BYTES;
                 last = Some(Seq(seq));
                 if freed_bytes >= need_bytes {
@@ -859,7 +870,7 @@ impl DeviceStore {
             return Ok(None);
         };
         self.delete_through(last)?;
-        Ok(Some((first, last)))
+        Ok(Some((covered_from, last)))
     }
 
     /// Deletes held events `low..=up_to` and advances `low`.

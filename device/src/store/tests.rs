@@ -312,3 +312,29 @@ fn a_ledger_of_another_device_is_refused() {
         DeviceStore::open(&dir.path().join("ledger.sqlite3"), Some(other), LedgerConfig::default()).unwrap_err();
     assert!(matches!(error, StoreError::DeviceMismatch { .. }), "{error}");
 }
+
+#[test]
+fn a_dropped_gap_event_is_covered_by_the_next_gap() {
+    let dir = TempDir::new().unwrap();
+    let cost = reading(0.0).cost_bytes();
+    let config =
+        LedgerConfig { budget_bytes: 8 * cost, full_policy: FullPolicy::DropOldest, ..LedgerConfig::default() };
+    let mut store = create(&dir, config);
+    for i in 0..200 {
+        store.record(Millis(1), &[reading(f64::from(i))]).unwrap();
+    }
+    // Many evictions happened; earlier gap events were dropped with the events. The gaps still
+    // held must explain every seq before the first held reading, from seq 1.
+    let events = store.events_from(Seq::FIRST, 1000).unwrap();
+    let first_held = events[0].id.seq.0;
+    let mut explained = vec![false; first_held as usize];
+    for event in &events {
+        if let Payload::Gap(gap) = &event.payload {
+            for seq in gap.first.0..=gap.last.0.min(first_held - 1) {
+                explained[seq as usize] = true;
+            }
+        }
+    }
+    let unexplained: Vec<usize> = (1..first_held as usize).filter(|seq| !explained[*seq]).collect();
+    assert!(unexplained.is_empty(), "seqs {unexplained:?} dropped with no gap event naming them");
+}
