@@ -183,7 +183,9 @@ pub async fn start(config: Config) -> anyhow::Result<Cloud> {
     let (http_stop, http_stop_rx) = tokio::sync::watch::channel(false);
     let (http_addr, http) = match config.http_listen {
         Some(addr) => {
-            let state = Arc::new(crate::http::AppState::new(backend, ingest.control(), Arc::clone(ingest.live())));
+            let state = crate::http::AppState::new(backend, ingest.control(), Arc::clone(ingest.live()))
+                .with_head_watch(Arc::clone(ingest.head_watch()));
+            let state = Arc::new(state);
             let (bound, task) = crate::http::spawn(addr, state, http_stop_rx)
                 .await
                 .with_context(|| format!("cannot serve http on {addr}"))?;

@@ -10,7 +10,8 @@
 //! `GET /api/devices/{id}/aggregates?sensor&resolution=minute|hour&limit`,
 //! `GET /api/devices/{id}/shadow`, `GET /api/devices/{id}/shadow.automerge`,
 //! `PATCH /api/devices/{id}/desired` (`{"key": value, "gone": null}`), `GET /api/projections`,
-//! `GET /api/alerts`.
+//! `GET /api/alerts`; the [`dashboard`](crate::dashboard) at `/` with its event stream
+//! `GET /api/events/stream`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -29,7 +30,7 @@ use tidesync_core::value::Value;
 
 use crate::projection::{self, builtin};
 use crate::server::{Control, Live};
-use crate::store::{Backend, EventReader, StoreError, StoredEvent};
+use crate::store::{Backend, EventReader, HeadWatch, StoreError, StoredEvent};
 
 /// Most events or rows one request returns.
 pub const PAGE_MAX: usize = 1_000;
@@ -77,6 +78,7 @@ pub struct AppState {
     control: Control,
     live: Arc<Live>,
     projections: Vec<String>,
+    head: Option<Arc<HeadWatch>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -89,7 +91,13 @@ impl AppState {
     /// State over `backend`, with `control` for desired-state writes.
     pub fn new(backend: Backend, control: Control, live: Arc<Live>) -> Self {
         let projections = builtin(Vec::new()).iter().map(|projection| projection.name().to_string()).collect();
-        Self { backend, readers: Mutex::new(Vec::new()), control, live, projections }
+        Self { backend, readers: Mutex::new(Vec::new()), control, live, projections, head: None }
+    }
+
+    /// Follows `head` (the writer's watch) for the dashboard's event stream.
+    pub fn with_head_watch(mut self, head: Arc<HeadWatch>) -> Self {
+        self.head = Some(head);
+        self
     }
 
     /// Runs `read` with a pooled reader on a blocking thread.
@@ -121,6 +129,7 @@ impl AppState {
 
 /// The router of the API.
 pub fn router(state: Arc<AppState>) -> Router {
+    let head = state.head.clone();
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -135,6 +144,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/alerts", get(alerts))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+        .merge(crate::dashboard::router(head))
 }
 
 /// Serves the API on `listener` until `stop` resolves.

@@ -4,10 +4,12 @@
 //! cloud role over the [`store`] (SQLite embedded, PostgreSQL at scale), and commit acks go out
 //! only after a group commit made the events durable. [`subscription`]s catch up from a
 //! checkpoint and follow live appends; [`projection`]s fold the log into read models with their
-//! checkpoint in the same transaction; [`http`] serves them as JSON with Prometheus metrics. [`cli`] is the `tidesync-cloud` command.
+//! checkpoint in the same transaction; [`http`] serves them as JSON with Prometheus metrics and
+//! the [`dashboard`] as a web page. [`cli`] is the `tidesync-cloud` command.
 
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod projection;
 pub mod server;

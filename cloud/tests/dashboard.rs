@@ -1,0 +1,349 @@
+//! The fleet dashboard over real HTTP on 127.0.0.1: `/` serves the page that drives the JSON API,
+//! the event stream emits a message after an append, and (in headless Chromium, when installed)
+//! the rendered page shows the fleet table, a device's chart and shadow, and saves desired state.
+//!
+//! Chromium: the end-to-end test FAILS when `TIDESYNC_TEST_CHROMIUM=1` and `chromium` is missing;
+//! otherwise a missing Chromium skips it with a loud message.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tidesync_cloud::store::{CloudStore, IngestMeta};
+use tidesync_cloud::Config;
+use tidesync_core::event::{
+    DeviceId, Event, EventId, GatewayId, Hlc, Millis, Payload, SensorReading, Seq, ShadowReported,
+};
+use tidesync_core::net::pki::{FleetCa, Identity};
+use tidesync_core::shadow::ShadowLimits;
+use tidesync_core::value::Value;
+use tidesync_core::wire::EventBatch;
+
+const BASE_MS: u64 = 1_700_000_040_000;
+
+fn wall() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
+}
+
+/// One request with `Connection: close`; returns (status, head, body).
+fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head, response[split + 4..].to_vec())
+}
+
+/// `n` readings of `sensor` for `device` (value = seq), then one reported shadow.
+fn events(device: DeviceId, first: u64, n: u64, reported: Option<Value>) -> Vec<Event> {
+    let mut events: Vec<Event> = (first..first + n)
+        .map(|seq| Event {
+            id: EventId { device, seq: Seq(seq) },
+            hlc: Hlc { wall_ms: BASE_MS + seq, logical: 0 },
+            event_time: Millis(BASE_MS + seq * 1_000),
+            payload: Payload::Reading(SensorReading {
+                sensor: "temp".into(),
+                value: (seq as f64 / 5.0).sin() * 10.0 + 20.0,
+                unit: "Cel".into(),
+            }),
+        })
+        .collect();
+    if let Some(reported) = reported {
+        let seq = first + n;
+        events.push(Event {
+            id: EventId { device, seq: Seq(seq) },
+            hlc: Hlc { wall_ms: BASE_MS + seq, logical: 0 },
+            event_time: Millis(BASE_MS + seq * 1_000),
+            payload: Payload::ShadowReported(ShadowReported { reported }),
+        });
+    }
+    events
+}
+
+fn append(store: &mut CloudStore, events: Vec<Event>) {
+    let meta = IngestMeta { gateway: GatewayId::new("gw-1").unwrap(), ingest_time: wall() };
+    let device = events[0].id.device;
+    let first = events[0].id.seq;
+    store.append_from(&EventBatch::new(device, first, events).unwrap(), &meta).unwrap();
+    store.commit().unwrap();
+}
+
+fn config(dir: &Path) -> Config {
+    let now = wall();
+    let ca = FleetCa::create("dash", Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
+    let issued = ca.issue(Identity::Cloud, 1, Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("cloud.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join("cloud.key"), &issued.key_pem).unwrap();
+    let text = "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+                [tls]\nca = \"ca.pem\"\ncert = \"cloud.pem\"\nkey = \"cloud.key\"\n";
+    Config::parse(text, &dir.join("cloud.toml")).unwrap()
+}
+
+/// A cloud over a SQLite store seeded with two devices; returns it once projections caught up.
+async fn seeded_cloud(dir: &Path) -> tidesync_cloud::Cloud {
+    let config = config(dir);
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    {
+        let mut store = CloudStore::open(config.backend().open_writer().unwrap(), ShadowLimits::default()).unwrap();
+        // A reported-shadow event as device 1's last: the log shows it, though only a live
+        // gateway session (not this direct append) folds it into the cloud's shadow.
+        let reported = Value::from_json(&serde_json::json!({ "interval_s": 60, "fw": "1.2.0" })).unwrap();
+        append(&mut store, events(DeviceId::new("sensor-1").unwrap(), 1, 120, Some(reported)));
+        append(&mut store, events(DeviceId::new("pump-7").unwrap(), 1, 30, None));
+    }
+    let cloud = tidesync_cloud::start(config).await.unwrap();
+    let addr = cloud.http_addr.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, body) =
+            tokio::task::spawn_blocking(move || request(addr, "GET", "/api/projections", b"")).await.unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let lag: u64 =
+            status["projections"].as_array().unwrap().iter().map(|p| p["lag_events"].as_u64().unwrap()).sum();
+        if lag == 0 {
+            return cloud;
+        }
+        assert!(Instant::now() < deadline, "projections lag {lag}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_its_assets_are_served_and_reference_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = seeded_cloud(dir.path()).await;
+    let addr = cloud.http_addr.unwrap();
+    let get = |path: &'static str| tokio::task::spawn_blocking(move || request(addr, "GET", path, b""));
+
+    let (status, head, page) = get("/").await.unwrap();
+    let page = String::from_utf8(page).unwrap();
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(page.contains("<script src=\"/dashboard/app.js\"></script>"), "{page}");
+    assert!(page.contains("/dashboard/style.css"));
+
+    let (status, head, script) = get("/dashboard/app.js").await.unwrap();
+    let script = String::from_utf8(script).unwrap();
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    for api in
+        ["/api/devices", "/events?from_seq=", "/desired", "method: \"PATCH\"", "/api/events/stream", "EventSource"]
+    {
+        assert!(script.contains(api), "app.js does not use {api}");
+    }
+    let (status, head, _) = get("/dashboard/style.css").await.unwrap();
+    assert_eq!((status, head.contains("content-type: text/css")), (200, true), "{head}");
+
+    // The JSON API still answers beside the page, and unknown paths still get a JSON 404.
+    let (status, _, fleet) = get("/api/devices").await.unwrap();
+    let fleet: serde_json::Value = serde_json::from_slice(&fleet).unwrap();
+    assert_eq!((status, fleet["devices"].as_array().unwrap().len()), (200, 2));
+    let (status, _, missing) = get("/nothing-here").await.unwrap();
+    assert_eq!(status, 404);
+    assert!(String::from_utf8(missing).unwrap().contains("\"error\""));
+    cloud.shutdown().await.unwrap();
+}
+
+/// Reads server-sent events from `reader` until one with `data:`; returns (event, id, data).
+fn next_event(reader: &mut impl std::io::BufRead) -> (String, String, serde_json::Value) {
+    let (mut event, mut id) = (String::new(), String::new());
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended");
+        let line = line.trim_end();
+        if let Some(value) = line.strip_prefix("event:") {
+            event = value.trim().to_string();
+        } else if let Some(value) = line.strip_prefix("id:") {
+            id = value.trim().to_string();
+        } else if let Some(value) = line.strip_prefix("data:") {
+            return (event, id, serde_json::from_str(value.trim()).unwrap());
+        }
+        // Chunk sizes, blank lines and keep-alive comments carry no event.
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_emits_the_new_head_after_an_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let mut store = CloudStore::open(config.backend().open_writer().unwrap(), ShadowLimits::default()).unwrap();
+    let device = DeviceId::new("sensor-1").unwrap();
+    append(&mut store, events(device, 1, 10, None));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = tidesync_cloud::dashboard::router(Some(store.head_watch()));
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let connect = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .write_all(b"GET /api/events/stream HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut head = String::new();
+        while reader.read_line(&mut head).unwrap() > 2 && !head.ends_with("\r\n\r\n") {}
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+        // The current head comes at once.
+        let first = next_event(&mut reader);
+        (reader, first)
+    });
+    let (mut reader, first) = connect.await.unwrap();
+    assert_eq!(first, ("head".to_string(), "10".to_string(), serde_json::json!({ "head": 10 })));
+
+    // Nothing is sent while the log stands still.
+    let waiting = tokio::task::spawn_blocking(move || {
+        reader.get_mut().set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+        let mut byte = [0; 1];
+        let idle = reader.get_mut().read(&mut byte).is_err();
+        reader.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        (idle, reader)
+    });
+    let (idle, mut reader) = waiting.await.unwrap();
+    assert!(idle, "the stream sent something without an append");
+
+    append(&mut store, events(device, 11, 5, None));
+    let (event, id, data) = tokio::task::spawn_blocking(move || next_event(&mut reader)).await.unwrap();
+    assert_eq!((event.as_str(), id.as_str(), data), ("head", "15", serde_json::json!({ "head": 15 })));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_answers_503_without_a_head() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, tidesync_cloud::dashboard::router(None)).await });
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || request(addr, "GET", "/api/events/stream", b"")).await.unwrap();
+    assert_eq!(status, 503);
+    assert!(String::from_utf8(body).unwrap().contains("no live head"));
+    server.abort();
+}
+
+/// The Chromium binary, or None (after a loud message) when it is missing and not required.
+fn chromium() -> Option<PathBuf> {
+    let required = std::env::var("TIDESYNC_TEST_CHROMIUM").is_ok_and(|value| value == "1");
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        let found = Command::new(name).arg("--version").output().is_ok_and(|output| output.status.success());
+        if found {
+            return Some(PathBuf::from(name));
+        }
+    }
+    assert!(!required, "TIDESYNC_TEST_CHROMIUM=1 but no chromium found (apt-get install -y chromium)");
+    eprintln!("\n!!!!! SKIPPED: the dashboard end-to-end test needs chromium (apt-get install -y chromium); set TIDESYNC_TEST_CHROMIUM=1 to make its absence fail !!!!!\n");
+    None
+}
+
+/// The DOM of `url` after its scripts ran, from headless Chromium; also saves a screenshot.
+/// Pages are loaded with `?static` (no event stream): `--virtual-time-budget` waits for the
+/// network to go idle, which an open event stream never does.
+fn render(chromium: &Path, url: &str, screenshot: &Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let common = [
+        "--headless".to_string(),
+        "--no-sandbox".to_string(),
+        "--disable-gpu".to_string(),
+        "--disable-dev-shm-usage".to_string(),
+        "--no-first-run".to_string(),
+        "--virtual-time-budget=5000".to_string(),
+        "--window-size=1000,900".to_string(),
+        format!("--user-data-dir={}", profile.path().display()),
+    ];
+    let output = Command::new(chromium).args(&common).arg("--dump-dom").arg(url).output().unwrap();
+    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    let shot = Command::new(chromium)
+        .args(&common)
+        .arg(format!("--screenshot={}", screenshot.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(shot.status.success(), "chromium screenshot failed: {}", String::from_utf8_lossy(&shot.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_renders_the_fleet_and_a_device_page() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = seeded_cloud(dir.path()).await;
+    let addr = cloud.http_addr.unwrap();
+    let (status, _, _) = tokio::task::spawn_blocking(move || {
+        request(addr, "PATCH", "/api/devices/sensor-1/desired", br#"{"interval_s": 30, "mode": "eco"}"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let shots = std::env::var_os("TIDESYNC_SCREENSHOT_DIR").map_or_else(|| dir.path().to_path_buf(), PathBuf::from);
+
+    let browser = chromium.clone();
+    let (fleet_shot, device_shot) = (shots.join("dashboard-fleet.png"), shots.join("dashboard-device.png"));
+    let (fleet, device) = tokio::task::spawn_blocking({
+        let (fleet_shot, device_shot) = (fleet_shot.clone(), device_shot.clone());
+        move || {
+            (
+                render(&browser, &format!("http://{addr}/?static"), &fleet_shot),
+                render(&browser, &format!("http://{addr}/?static#/device/sensor-1"), &device_shot),
+            )
+        }
+    })
+    .await
+    .unwrap();
+
+    // The fleet table: both devices, offline (no gateway connected), their last readings, and
+    // the delta of the device whose desired state differs from what it reported.
+    assert!(fleet.contains("<table id=\"fleet\">"), "{fleet}");
+    let row = |device: &str| {
+        let start =
+            fleet.find(&format!("data-device=\"{device}\"")).unwrap_or_else(|| panic!("no row {device}: {fleet}"));
+        let end = fleet[start..].find("</tr>").unwrap() + start;
+        fleet[start..end].to_string()
+    };
+    let (sensor, pump) = (row("sensor-1"), row("pump-7"));
+    assert!(sensor.contains(">offline<") && pump.contains(">offline<"), "{sensor}\n{pump}");
+    assert!(sensor.contains("temp = ") && sensor.contains(" Cel"), "{sensor}");
+    assert!(sensor.contains("interval_s") && sensor.contains("mode"), "delta missing: {sensor}");
+    assert!(fleet.contains("Fleet (2 devices)"));
+
+    // The device page: a chart with a path per sensor, and the shadow's three sections.
+    assert!(device.contains("<h2 id=\"device-name\">sensor-1</h2>"), "{device}");
+    let chart = &device[device.find("<svg").unwrap_or_else(|| panic!("no chart: {device}"))..];
+    let path = &chart[chart.find("<path").unwrap()..];
+    let d = path.split("d=\"").nth(1).unwrap().split('"').next().unwrap();
+    assert_eq!(d.matches('L').count(), 119, "120 readings make 119 segments: {d}");
+    assert!(device.contains("Last 120 readings"));
+    let cell = |id: &str| {
+        let start = device.find(&format!("id=\"{id}\"")).unwrap();
+        device[start..start + device[start..].find("</td>").unwrap()].to_string()
+    };
+    assert!(cell("reported").contains("<pre>{}</pre>"), "nothing reported through a session: {}", cell("reported"));
+    assert!(cell("desired").contains("\"mode\": \"eco\""), "{}", cell("desired"));
+    assert!(
+        cell("delta").contains("\"interval_s\": 30") && cell("delta").contains("\"mode\": \"eco\""),
+        "{}",
+        cell("delta")
+    );
+    assert!(device.contains("id=\"desired-form\""));
+
+    for shot in [&fleet_shot, &device_shot] {
+        let bytes = std::fs::read(shot).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000, "{}: {} bytes", shot.display(), bytes.len());
+    }
+    cloud.shutdown().await.unwrap();
+}
