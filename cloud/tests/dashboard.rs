@@ -347,3 +347,151 @@ async fn headless_chromium_renders_the_fleet_and_a_device_page() {
     }
     cloud.shutdown().await.unwrap();
 }
+
+/// A WebDriver command to chromedriver at `driver`; returns the `value` of the answer.
+fn webdriver(driver: SocketAddr, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let body = if method == "GET" || method == "DELETE" { Vec::new() } else { body.to_string().into_bytes() };
+    // chromedriver keeps connections open whatever the request says: read Content-Length bytes.
+    let mut stream = std::net::TcpStream::connect(driver).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body).unwrap();
+    let mut reader = BufReader::new(stream);
+    let (mut status, mut length) = (0, 0);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(code) = line.strip_prefix("http/1.1 ") {
+            status = code[..3].parse().unwrap();
+        } else if let Some(value) = line.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut answer = vec![0; length];
+    reader.read_exact(&mut answer).unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(status, 200, "{method} {path}: {answer}");
+    answer["value"].clone()
+}
+
+/// Runs `script` in the page until it returns something truthy (or fails after 20 s).
+fn wait_for(driver: SocketAddr, session: &str, what: &str, script: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = webdriver(
+            driver,
+            "POST",
+            &format!("/session/{session}/execute/sync"),
+            &serde_json::json!({ "script": script, "args": [] }),
+        );
+        if !(value.is_null() || value == false || value == "") {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_the_form_saves_desired_state_and_the_stream_goes_live() {
+    if chromium().is_none() {
+        return;
+    }
+    let required = std::env::var("TIDESYNC_TEST_CHROMIUM").is_ok_and(|value| value == "1");
+    let found = Command::new("chromedriver").arg("--version").output().is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(!required, "TIDESYNC_TEST_CHROMIUM=1 but no chromedriver (apt-get install -y chromium-driver)");
+        eprintln!(
+            "\n!!!!! SKIPPED: the dashboard form test needs chromedriver (apt-get install -y chromium-driver) !!!!!\n"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = seeded_cloud(dir.path()).await;
+    let addr = cloud.http_addr.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _driver = Killed(Command::new("chromedriver").arg(format!("--port={port}")).spawn().unwrap());
+    let driver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let profile = dir.path().join("profile");
+
+    let saved = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(driver).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+            .iter()
+            .map(|arg| arg.to_string())
+            .chain([format!("--user-data-dir={}", profile.display())])
+            .collect::<Vec<_>>();
+        let session = webdriver(
+            driver,
+            "POST",
+            "/session",
+            // "eager": navigation returns at DOMContentLoaded; the open event stream may keep the
+            // page from ever counting as fully loaded.
+            &serde_json::json!({ "capabilities": { "alwaysMatch": {
+                "pageLoadStrategy": "eager", "goog:chromeOptions": { "args": args } } } }),
+        );
+        let session = session["sessionId"].as_str().unwrap().to_string();
+        let url = format!("http://{addr}/#/device/sensor-1");
+        webdriver(driver, "POST", &format!("/session/{session}/url"), &serde_json::json!({ "url": url }));
+        // The event stream connects and delivers the current head (120 + 1 events of sensor-1,
+        // 30 of pump-7).
+        wait_for(driver, &session, "the live badge", "return document.getElementById('live').textContent === 'live'");
+        let head = wait_for(driver, &session, "the head", "return document.getElementById('head').textContent");
+        assert_eq!(head, "log head 151");
+        wait_for(driver, &session, "the form", "return document.getElementById('desired-form') !== null");
+        // Fill in the form and press its button, as a user would.
+        webdriver(
+            driver,
+            "POST",
+            &format!("/session/{session}/execute/sync"),
+            &serde_json::json!({ "script": "const f = document.getElementById('desired-form'); \
+                f.elements.patch.value = '{\"threshold\": 5, \"label\": \"north\"}'; \
+                f.querySelector('button').click(); return true;", "args": [] }),
+        );
+        let desired = wait_for(
+            driver,
+            &session,
+            "the saved desired state",
+            "const d = document.getElementById('desired'); return d && d.textContent.includes('threshold') && d.textContent",
+        );
+        let status = wait_for(driver, &session, "the status", "return document.getElementById('form-status').textContent");
+        let png = webdriver(driver, "GET", &format!("/session/{session}/screenshot"), &serde_json::Value::Null);
+        webdriver(driver, "DELETE", &format!("/session/{session}"), &serde_json::Value::Null);
+        (desired, status, png)
+    })
+    .await
+    .unwrap();
+    let (desired, status, png) = saved;
+    assert!(desired.as_str().unwrap().contains("\"label\": \"north\""), "{desired}");
+    assert_eq!(status, "saved");
+    assert!(png.as_str().is_some_and(|png| png.len() > 5_000), "no screenshot");
+
+    // The form went through the API: the cloud's shadow holds the new desired state.
+    let (status, _, shadow) =
+        tokio::task::spawn_blocking(move || request(addr, "GET", "/api/devices/sensor-1/shadow", b"")).await.unwrap();
+    let shadow: serde_json::Value = serde_json::from_slice(&shadow).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(shadow["shadow"]["desired"], serde_json::json!({ "threshold": 5, "label": "north" }));
+    cloud.shutdown().await.unwrap();
+}
