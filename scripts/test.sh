@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of tidesync on a fresh machine: installs what is missing (the
-# Cortex-M target for the no_std build, a PostgreSQL server for the cloud's store), then fmt, clippy with warnings denied, the no_std build
+# Cortex-M target for the no_std build, a PostgreSQL server for the cloud's store, Chromium for the dashboard test), then fmt, clippy with warnings denied, the no_std build
 # of core, the dependency rule of core, and every test of the workspace. Exits non-zero on the
 # first failure.
 set -euo pipefail
@@ -45,6 +45,15 @@ fi
 step "PostgreSQL for the cloud store tests (installed from Debian's packages when missing)"
 eval "$(bash cloud/scripts/postgres.sh)"
 echo "TIDESYNC_TEST_POSTGRES_URL=$TIDESYNC_TEST_POSTGRES_URL"
+
+step "Chromium and ChromeDriver for the dashboard test (Debian's packages, installed when missing)"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium chromium-driver
+fi
+chromium --version
+export TIDESYNC_TEST_CHROMIUM=1
 
 step "tests"
 cargo test --workspace --locked --no-fail-fast
