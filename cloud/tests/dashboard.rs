@@ -400,17 +400,27 @@ fn wait_for(driver: SocketAddr, session: &str, what: &str, script: &str) -> serd
     }
 }
 
-struct Killed(std::process::Child);
+/// chromedriver and the browser it started (found by its unique profile directory, as it is not
+/// chromedriver's child), killed when the test ends, failed or not.
+struct Killed(std::process::Child, PathBuf);
 
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
+        let profile = format!("--user-data-dir={}", self.1.display());
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let is_ours = cmdline.split(|byte| *byte == 0).any(|arg| arg == profile.as_bytes());
+            if is_ours {
+                let _ = Command::new("kill").arg("-KILL").arg(entry.file_name()).status();
+            }
+        }
         let _ = self.0.wait();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_chromium_the_form_saves_desired_state_and_the_stream_goes_live() {
+async fn in_chromium_the_form_saves_desired_state_and_appends_show_up_live() {
     if chromium().is_none() {
         return;
     }
@@ -427,9 +437,17 @@ async fn in_chromium_the_form_saves_desired_state_and_the_stream_goes_live() {
     let cloud = seeded_cloud(dir.path()).await;
     let addr = cloud.http_addr.unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _driver = Killed(Command::new("chromedriver").arg(format!("--port={port}")).spawn().unwrap());
-    let driver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let profile = dir.path().join("profile");
+    let _driver = Killed(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        profile.clone(),
+    );
+    let driver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let saved = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -477,12 +495,54 @@ async fn in_chromium_the_form_saves_desired_state_and_the_stream_goes_live() {
         );
         let status = wait_for(driver, &session, "the status", "return document.getElementById('form-status').textContent");
         let png = webdriver(driver, "GET", &format!("/session/{session}/screenshot"), &serde_json::Value::Null);
-        webdriver(driver, "DELETE", &format!("/session/{session}"), &serde_json::Value::Null);
-        (desired, status, png)
+        (desired, status, png, driver, session)
     })
     .await
     .unwrap();
-    let (desired, status, png) = saved;
+    let (desired, status, png, driver, session) = saved;
+
+    // Live: a reading appended to the log shows up in the open fleet page without a reload. A
+    // second writer appends to the same SQLite file and the new head is published on the
+    // cloud's watch, as the ingest writer does after each group commit.
+    let config = config(dir.path());
+    let mut store = CloudStore::open(config.backend().open_writer().unwrap(), ShadowLimits::default()).unwrap();
+    let pump = DeviceId::new("pump-7").unwrap();
+    let mut reading = events(pump, 31, 1, None);
+    reading[0].payload = Payload::Reading(SensorReading { sensor: "temp".into(), value: 99.5, unit: "Cel".into() });
+    let session_for_fleet = session.clone();
+    tokio::task::spawn_blocking(move || {
+        webdriver(
+            driver,
+            "POST",
+            &format!("/session/{session_for_fleet}/url"),
+            &serde_json::json!({ "url": format!("http://{addr}/#/") }),
+        );
+        wait_for(
+            driver,
+            &session_for_fleet,
+            "the fleet",
+            "return document.querySelector('tr[data-device=\"pump-7\"]') !== null",
+        );
+    })
+    .await
+    .unwrap();
+    append(&mut store, reading);
+    cloud.ingest.head_watch().publish(store.head());
+    let live = tokio::task::spawn_blocking(move || {
+        let row = wait_for(
+            driver,
+            &session,
+            "the live reading",
+            "const r = document.querySelector('tr[data-device=\"pump-7\"]'); return r && r.textContent.includes('99.5') && r.textContent",
+        );
+        let head = wait_for(driver, &session, "the head", "return document.getElementById('head').textContent");
+        webdriver(driver, "DELETE", &format!("/session/{session}"), &serde_json::Value::Null);
+        (row, head)
+    })
+    .await
+    .unwrap();
+    assert!(live.0.as_str().unwrap().contains("temp = 99.5 Cel"), "{}", live.0);
+    assert_eq!(live.1, "log head 152");
     assert!(desired.as_str().unwrap().contains("\"label\": \"north\""), "{desired}");
     assert_eq!(status, "saved");
     assert!(png.as_str().is_some_and(|png| png.len() > 5_000), "no screenshot");
