@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rand_core::SeedableRng;
@@ -25,6 +25,7 @@ use tidesync_core::net::tls::Credentials;
 use tidesync_core::shadow::Section;
 use tidesync_core::sync::SessionConfig;
 use tidesync_core::value::Value;
+use tidesync_device::agent::wall_now;
 use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
 use tidesync_device::{Agent, DeviceStore, LedgerConfig};
 use tokio::sync::watch;
@@ -98,10 +99,6 @@ impl std::fmt::Display for DemoSummary {
     }
 }
 
-fn wall() -> Millis {
-    Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64))
-}
-
 /// The fleet's certificates, written as PEM files for the daemons' configs.
 struct Pki {
     ca: FleetCa,
@@ -111,7 +108,7 @@ struct Pki {
 
 impl Pki {
     fn new(dir: &Path) -> Result<Self> {
-        let now = wall();
+        let now = wall_now();
         let ca = FleetCa::create("demo-fleet", Millis(now.0.saturating_sub(3_600_000)), now.plus_ms(86_400_000))?;
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
@@ -120,7 +117,7 @@ impl Pki {
 
     fn credentials(&mut self, identity: Identity) -> Result<Credentials> {
         self.serial += 1;
-        let now = wall();
+        let now = wall_now();
         let issued =
             self.ca.issue(identity, self.serial, Millis(now.0.saturating_sub(3_600_000)), now.plus_ms(86_400_000))?;
         Ok(Credentials {
@@ -244,7 +241,7 @@ impl Device {
                     value: (value * 100.0).round() / 100.0,
                     unit: "Cel".into(),
                 };
-                (wall(), Payload::Reading(reading))
+                (wall_now(), Payload::Reading(reading))
             })
             .collect();
         let agent = Arc::clone(&self.agent);

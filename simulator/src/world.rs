@@ -1237,18 +1237,9 @@ impl World {
             match event {
                 SessionEvent::Established { .. } => {
                     self.stats.n_sessions += 1;
+                    // What the cloud's welcome says it holds arrives as `Committed` events
+                    // (core's gateway uplink emits them), relayed below like any commit.
                     node.backoff_ms = RECONNECT_MS_MIN;
-                    // Workaround (see the report): `Welcome` tells the gateway what the cloud
-                    // store holds, but the uplink emits no `Committed` for it; without this a
-                    // gateway whose commit frame was lost before a reconnect never prunes, and
-                    // never tells its devices.
-                    let spool_vv = node.disk.live().version_vector();
-                    for (device_id, _) in spool_vv.iter() {
-                        let acked = session.session.acked(device_id);
-                        if acked > node.disk.live().ledger.committed(device_id) {
-                            relays.push((*device_id, Some(acked)));
-                        }
-                    }
                 }
                 SessionEvent::Committed { device: id, up_to } => relays.push((id, Some(up_to))),
                 SessionEvent::ShadowChanged { device: id } => {
