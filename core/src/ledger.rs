@@ -11,6 +11,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::auth::{BatchProof, ChainHash, HoleProof, Seal};
 use crate::event::{DeviceId, Event, EventError, EventId, HlcClock, Millis, Payload, Seq};
 use crate::vv::VersionVector;
 use crate::wire::{BatchError, EventBatch};
@@ -79,6 +80,12 @@ pub trait Ledger {
     /// Records that the cloud store holds `device`'s events up to `up_to`; the ledger may prune
     /// them (the cloud store itself keeps everything).
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError>;
+
+    /// The device's hash-chain value at [`Ledger::high`] (see [`crate::auth`]), if this ledger
+    /// keeps chains and knows it. The cloud checks that new events continue it.
+    fn chain_head(&self, _device: &DeviceId) -> Option<ChainHash> {
+        None
+    }
 }
 
 /// One device's stream in a [`MemLedger`].
@@ -91,6 +98,45 @@ struct Stream {
     committed: Seq,
     /// Declared holes not filled yet, as first → last.
     holes: BTreeMap<Seq, Seq>,
+    /// Chain value after each held event whose chain is known.
+    chains: BTreeMap<Seq, ChainHash>,
+    /// Chain value after the highest seq removed (pruned or dropped), if known.
+    floor: Option<(Seq, ChainHash)>,
+    /// Chain value at `high`, if known.
+    head: Option<ChainHash>,
+    /// Seals received with events (a relay keeps them to pass on).
+    seals: BTreeMap<Seq, Seal>,
+    /// Hole proofs received, by the hole's last seq.
+    hole_proofs: BTreeMap<Seq, HoleProof>,
+}
+
+impl Stream {
+    /// The chain value after `seq`, if known.
+    fn chain_at(&self, device: &DeviceId, seq: Seq) -> Option<ChainHash> {
+        if seq == Seq::ZERO {
+            return Some(ChainHash::genesis(device));
+        }
+        if let Some(chain) = self.chains.get(&seq) {
+            return Some(*chain);
+        }
+        if seq == self.high {
+            return self.head;
+        }
+        self.floor
+            .filter(|(floor, _)| *floor == seq)
+            .map(|(_, chain)| chain)
+            .or_else(|| self.hole_proofs.get(&seq).map(|hole| hole.chain))
+    }
+
+    /// Forgets chains, seals and proofs at or below `up_to`, keeping the floor.
+    fn forget_chains_through(&mut self, up_to: Seq, device: &DeviceId) {
+        if let Some(chain) = self.chain_at(device, up_to) {
+            self.floor = Some((up_to, chain));
+        }
+        self.chains = self.chains.split_off(&up_to.next());
+        self.seals = self.seals.split_off(&up_to.next());
+        self.hole_proofs = self.hole_proofs.split_off(&up_to.next());
+    }
 }
 
 /// An in-memory ledger for tests and the simulator.
@@ -126,7 +172,13 @@ impl MemLedger {
         let seq = stream.high.next();
         let id = EventId { device, seq };
         let hlc = self.clock.now(wall);
-        stream.events.insert(seq, Event { id, hlc, event_time, payload });
+        let event = Event { id, hlc, event_time, payload };
+        let before = if seq == Seq::FIRST { Some(ChainHash::genesis(&device)) } else { stream.head };
+        stream.head = before.map(|chain| chain.next(&event));
+        if let Some(chain) = stream.head {
+            stream.chains.insert(seq, chain);
+        }
+        stream.events.insert(seq, event);
         stream.high = seq;
         Ok(id)
     }
@@ -146,6 +198,12 @@ impl MemLedger {
                 first = first.min(dropped.first);
             }
         }
+        // The chain after the dropped run stays known: a batch that starts with the hole proves
+        // it from there.
+        if let Some(chain) = stream.chains.get(&last).copied() {
+            stream.floor = Some((last, chain));
+        }
+        stream.chains = stream.chains.split_off(&last.next());
         let gap = Payload::Gap(crate::event::Gap { first, last, reason: crate::event::GapReason::StorageFull });
         // A gap payload with first <= last validates; recording cannot fail.
         let recorded = self.record(device, wall, wall, gap);
@@ -188,6 +246,11 @@ impl MemLedger {
         self.streams.get(device).map_or(Seq::ZERO, |stream| stream.committed)
     }
 
+    /// The chain value after `seq` of `device`, if known (see [`crate::auth`]).
+    pub fn chain_at(&self, device: &DeviceId, seq: Seq) -> Option<ChainHash> {
+        self.streams.get(device).and_then(|stream| stream.chain_at(device, seq))
+    }
+
     /// The device clock's last stamp.
     pub fn clock(&self) -> HlcClock {
         self.clock
@@ -223,7 +286,20 @@ impl Ledger for MemLedger {
         if events.is_empty() {
             return Ok(None);
         }
-        Ok(Some(EventBatch::new(*device, from, events)?))
+        let mut batch = EventBatch::new(*device, from, events)?;
+        let (first, last) = (batch.first_seq(), batch.last_seq());
+        let hole = stream.hole_proofs.get(&Seq(first.0 - 1)).copied().filter(|hole| first > from && hole.first <= from);
+        let prev = if first > from {
+            hole.map(|hole| hole.chain).or_else(|| stream.chain_at(device, Seq(first.0 - 1)))
+        } else {
+            stream.chain_at(device, Seq(first.0 - 1))
+        };
+        batch.proof = prev.map(|prev| BatchProof {
+            prev,
+            seals: stream.seals.range(first..=last).map(|(_, seal)| *seal).collect(),
+            hole,
+        });
+        Ok(Some(batch))
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
@@ -252,13 +328,31 @@ impl Ledger for MemLedger {
             }
         }
         if let Some(fresh) = batch.after(stream.high) {
+            // The chain continues our own head; after a hole only the sender's proof knows it.
+            let mut chain = match (fresh.dropped(), &fresh.proof) {
+                (Some(_), proof) => proof.as_ref().map(|proof| proof.prev),
+                (None, _) if stream.high == Seq::ZERO => Some(ChainHash::genesis(&batch.device)),
+                (None, _) => stream.head,
+            };
             if let Some((first, last)) = fresh.dropped() {
                 stream.holes.insert(first, last);
             }
+            if let Some(proof) = &fresh.proof {
+                stream.seals.extend(proof.seals.iter().map(|seal| (seal.seq, *seal)));
+                if let Some(hole) = proof.hole {
+                    stream.hole_proofs.insert(hole.last, hole);
+                }
+            }
+            let mut scratch = Vec::new();
             for event in fresh.events {
+                chain = chain.map(|chain| chain.next_with(&event, &mut scratch));
+                if let Some(chain) = chain {
+                    stream.chains.insert(event.id.seq, chain);
+                }
                 stream.events.insert(event.id.seq, event);
                 n_new += 1;
             }
+            stream.head = chain;
             stream.high = batch.last_seq();
         }
         if let Some(last) = batch.events.last() {
@@ -273,12 +367,25 @@ impl Ledger for MemLedger {
             return Ok(());
         }
         stream.committed = up_to;
-        stream.high = stream.high.max(up_to);
+        if up_to > stream.high {
+            // Committed beyond what we hold (through another gateway): our chain ends here.
+            stream.high = up_to;
+            stream.head = None;
+        }
         if self.prune_on_commit {
             stream.events = stream.events.split_off(&up_to.next());
             stream.holes.retain(|first, _| *first > up_to);
+            stream.forget_chains_through(up_to, &device);
         }
         Ok(())
+    }
+
+    fn chain_head(&self, device: &DeviceId) -> Option<ChainHash> {
+        let stream = self.streams.get(device)?;
+        if stream.high == Seq::ZERO {
+            return Some(ChainHash::genesis(device));
+        }
+        stream.head
     }
 }
 

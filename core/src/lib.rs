@@ -56,6 +56,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod auth;
 pub mod event;
 #[cfg(feature = "alloc")]
 mod exact_bytes;
@@ -63,6 +65,7 @@ mod exact_bytes;
 pub mod ledger;
 #[cfg(feature = "net")]
 pub mod net;
+pub mod rate;
 pub mod record;
 #[cfg(feature = "std")]
 pub mod shadow;

@@ -69,6 +69,9 @@ pub struct SessionConfig {
     pub resends_max: u32,
     /// Bounds of shadows the session creates.
     pub shadow_limits: ShadowLimits,
+    /// How long a client holds a device's events after a batch of it failed verification
+    /// before it offers them again.
+    pub refused_retry_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -83,6 +86,7 @@ impl Default for SessionConfig {
             stall_ms: 60_000,
             resends_max: 5,
             shadow_limits: ShadowLimits::default(),
+            refused_retry_ms: 10 * 60_000,
         }
     }
 }
@@ -130,6 +134,16 @@ pub enum SessionEvent {
     ShadowChanged {
         /// The device.
         device: DeviceId,
+    },
+    /// (Server) A batch failed verification and was refused (see [`crate::auth`]): record a
+    /// security event naming the device and the gateway that relayed it.
+    Violation {
+        /// The device the batch claims to be from.
+        device: DeviceId,
+        /// The gateway that sent it (the cloud's sessions), if any.
+        gateway: Option<crate::event::GatewayId>,
+        /// What is wrong.
+        violation: crate::auth::Violation,
     },
     /// (Server) The client reported its backlog in a keep-alive.
     PeerBacklog {
@@ -438,6 +452,9 @@ impl Ledger for MemStore {
     }
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {
         self.ledger.mark_committed(device, up_to)
+    }
+    fn chain_head(&self, device: &DeviceId) -> Option<crate::auth::ChainHash> {
+        self.ledger.chain_head(device)
     }
 }
 

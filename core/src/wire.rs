@@ -27,7 +27,7 @@ use crate::event::{DeviceId, GatewayId, Millis, Seq};
 use crate::vv::VersionVector;
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Largest frame (type + body), in bytes. Checked before any buffer is grown for a frame.
@@ -130,6 +130,9 @@ pub enum BackpressureReason {
     RateLimited,
     /// The receiver's queue of events waiting to be made durable is full.
     Busy,
+    /// The device's events failed verification (protocol 2): the sender holds them, for an
+    /// operator to look at, and offers them again much later.
+    Refused,
 }
 
 /// The receiver will not take a device's events for now.

@@ -1,8 +1,10 @@
 //! `Ingest`: the server end of a session, taking events from downstream.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use super::{negotiate, CloseReason, Common, SessionConfig, SessionError, SessionEvent, Store};
+use crate::auth::{same_event, verify_batch, ChainHash, DeviceKeys, Violation};
 use crate::event::{DeviceId, GatewayId, Millis, Seq};
 use crate::vv::VersionVector;
 use crate::wire::{
@@ -23,6 +25,13 @@ pub struct Ingest {
     known_devices: BTreeSet<DeviceId>,
     n_out_of_order: u64,
     n_duplicates: u64,
+    /// The devices' keys when this end verifies signatures (the cloud does).
+    keys: Option<Arc<DeviceKeys>>,
+    /// What the `Welcome` told the client this end holds: a client that sends only that again
+    /// replays.
+    welcomed: VersionVector,
+    /// Negotiated protocol version.
+    protocol: u16,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +42,7 @@ enum Role {
     Cloud { gateway: GatewayId },
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct InStream {
     /// Highest seq handed to the host (or covered before the session).
     accepted: Seq,
@@ -43,6 +52,25 @@ struct InStream {
     acked: Seq,
     /// Highest commit relayed to the peer (gateway role).
     committed_sent: Seq,
+    /// Known chain values (see [`crate::auth`]): at `durable` first, then after each accepted
+    /// batch, ascending. Empty when unknown.
+    chains: VecDeque<(Seq, ChainHash)>,
+}
+
+impl InStream {
+    fn at(high: Seq, chain: Option<ChainHash>) -> Self {
+        Self {
+            accepted: high,
+            durable: high,
+            acked: high,
+            committed_sent: Seq::ZERO,
+            chains: chain.map(|chain| (high, chain)).into_iter().collect(),
+        }
+    }
+
+    fn chain_at(&self, seq: Seq) -> Option<ChainHash> {
+        self.chains.iter().find(|(at, _)| *at == seq).map(|(_, chain)| *chain)
+    }
 }
 
 impl Ingest {
@@ -65,7 +93,23 @@ impl Ingest {
             known_devices: BTreeSet::new(),
             n_out_of_order: 0,
             n_duplicates: 0,
+            keys: None,
+            welcomed: VersionVector::new(),
+            protocol: crate::wire::PROTOCOL_VERSION_MIN,
         }
+    }
+
+    /// Verifies every batch against the devices' keys before taking it (see [`crate::auth`]):
+    /// a batch that fails is refused, reported as [`SessionEvent::Violation`], and the client is
+    /// told to hold that device's events (nothing is acknowledged, nothing stored).
+    pub fn verifying(mut self, keys: Arc<DeviceKeys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Replaces the keys (after a rotation or revocation) for batches from now on.
+    pub fn set_keys(&mut self, keys: Arc<DeviceKeys>) {
+        self.keys = Some(keys);
     }
 
     /// Whether the handshake is done and the session is open.
@@ -169,10 +213,11 @@ impl Ingest {
         for device in devices {
             let high = store.high(&device);
             vv.set(device, high);
-            self.streams
-                .insert(device, InStream { accepted: high, durable: high, acked: high, committed_sent: Seq::ZERO });
+            self.streams.insert(device, InStream::at(high, store.chain_head(&device)));
             self.known_devices.insert(device);
         }
+        self.welcomed = vv.clone();
+        self.protocol = protocol;
         // Offer shadow sync: a gateway syncs its device's shadow, the cloud the shadows it keeps
         // of the devices this gateway serves.
         let kept: BTreeSet<DeviceId> = store.shadow_devices().into_iter().collect();
@@ -199,16 +244,29 @@ impl Ingest {
         }
         let pending_events_max = self.common.config.pending_events_max as u64;
         let retry_after_ms = u32::try_from(self.common.config.retransmit_ms).unwrap_or(u32::MAX);
-        let stream = self.streams.entry(batch.device).or_insert_with(|| {
-            let high = store.high(&batch.device);
-            InStream { accepted: high, durable: high, acked: high, committed_sent: Seq::ZERO }
-        });
+        let stream = self
+            .streams
+            .entry(batch.device)
+            .or_insert_with(|| InStream::at(store.high(&batch.device), store.chain_head(&batch.device)));
         if batch.from > stream.accepted.next() {
             // An earlier batch was lost; the client will go back and resend from its last ack.
             self.n_out_of_order += 1;
             tracing::trace!(device = %batch.device, from = %batch.from, accepted = %stream.accepted, "out-of-order batch dropped");
             return Ok(());
         }
+        let head = match &self.keys {
+            None => None,
+            Some(keys) => match check(keys, &batch, stream, self.welcomed.get(&batch.device), store) {
+                Ok(head) => Some(head),
+                Err(violation) => {
+                    self.refuse(batch.device, violation);
+                    return Ok(());
+                }
+            },
+        };
+        let Some(stream) = self.streams.get_mut(&batch.device) else {
+            return Ok(());
+        };
         let Some(fresh) = batch.after(stream.accepted) else {
             // All of it is here already: repeat the acknowledgement the client may have missed.
             self.n_duplicates += 1;
@@ -231,8 +289,33 @@ impl Ingest {
             return Ok(());
         }
         stream.accepted = fresh.last_seq();
+        if let Some(head) = head {
+            let first = fresh.first_seq();
+            stream.chains.retain(|(seq, _)| *seq < first);
+            stream.chains.push_back((fresh.last_seq(), head));
+        }
         self.common.emit(SessionEvent::EventsReceived(fresh));
         Ok(())
+    }
+
+    /// Refuses a batch that failed verification: reports it and tells the client to hold the
+    /// device's events (they stay in its spool for an operator to look at).
+    fn refuse(&mut self, device: DeviceId, violation: Violation) {
+        let gateway = match self.role {
+            Role::Cloud { gateway } => Some(gateway),
+            Role::Gateway { .. } => None,
+        };
+        tracing::warn!(%device, ?gateway, %violation, "batch refused: verification failed");
+        let Some(stream) = self.streams.get_mut(&device) else {
+            return;
+        };
+        stream.accepted = stream.durable;
+        let up_to = stream.durable;
+        // A protocol-1 client does not know `Refused`; to it this is a long pause.
+        let reason = if self.protocol >= 2 { BackpressureReason::Refused } else { BackpressureReason::Busy };
+        let retry_after_ms = u32::try_from(self.common.config.refused_retry_ms).unwrap_or(u32::MAX);
+        self.common.send(Frame::Backpressure(Backpressure { device, up_to, retry_after_ms, reason }));
+        self.common.emit(SessionEvent::Violation { device, gateway, violation });
     }
 
     fn ack_frame(&self, ack: Ack) -> Frame {
@@ -250,6 +333,9 @@ impl Ingest {
         };
         stream.durable = stream.durable.max(high);
         stream.accepted = stream.accepted.max(stream.durable);
+        while stream.chains.get(1).is_some_and(|(seq, _)| *seq <= stream.durable) {
+            stream.chains.pop_front();
+        }
         if stream.durable > stream.acked && !self.common.closed {
             stream.acked = stream.durable;
             let ack = Ack { device, up_to: stream.durable };
@@ -331,4 +417,60 @@ impl Ingest {
     pub fn poll_timeout(&self) -> Option<Millis> {
         self.common.common_timeout()
     }
+}
+
+/// Verifies `batch` for a stream that has accepted up to `stream.accepted`: its proof, that it
+/// continues the chain held, that what it repeats equals what is stored, and that it is not a
+/// replay of what the client was welcomed with. Returns the chain value after the batch.
+fn check<S: Store + ?Sized>(
+    keys: &DeviceKeys,
+    batch: &EventBatch,
+    stream: &InStream,
+    welcomed: Seq,
+    store: &S,
+) -> Result<ChainHash, Violation> {
+    let held = stream.accepted;
+    let expected = stream.chain_at(held);
+    let verified = verify_batch(keys, batch, expected.map(|_| held))?;
+    if let (Some(expected), Some(got)) = (expected, verified.at) {
+        if expected != got {
+            // Validly signed, yet not the history held: the device signed two.
+            return Err(Violation::Equivocation { seq: held });
+        }
+    }
+    if batch.last_seq() <= held {
+        // Nothing new: what it repeats must be what is stored.
+        if let Some(seq) = first_difference(batch, stream.durable, store) {
+            return Err(Violation::Equivocation { seq });
+        }
+        if batch.last_seq() <= welcomed {
+            return Err(Violation::Replay { last: batch.last_seq() });
+        }
+    }
+    Ok(verified.head)
+}
+
+/// The first seq at or below `durable` where `batch` differs from the stored event, if any.
+fn first_difference<S: Store + ?Sized>(batch: &EventBatch, durable: Seq, store: &S) -> Option<Seq> {
+    let mut next = batch.first_seq();
+    let mut events = batch.events.iter().take_while(|event| event.id.seq <= durable).peekable();
+    while events.peek().is_some() {
+        let Ok(Some(stored)) = store.read(&batch.device, next, crate::wire::BATCH_EVENTS_MAX) else {
+            return None;
+        };
+        if stored.events.is_empty() {
+            return None;
+        }
+        for held in &stored.events {
+            // Skip what the store no longer has (a hole) or has beyond.
+            while events.next_if(|event| event.id.seq < held.id.seq).is_some() {}
+            match events.next_if(|event| event.id.seq == held.id.seq) {
+                Some(event) if !same_event(event, held) => return Some(event.id.seq),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        next = stored.last_seq().next();
+    }
+    None
 }

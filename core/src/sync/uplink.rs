@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::{CloseReason, Common, SessionConfig, SessionError, SessionEvent, Store};
+use crate::auth::DeviceSigner;
 use crate::event::{DeviceId, GatewayId, Millis, Seq};
 use crate::vv::VersionVector;
 use crate::wire::{
@@ -23,6 +24,10 @@ pub struct Uplink {
     last_progress: Millis,
     stall_reported: bool,
     backlog_events: u64,
+    /// A device's key: every batch it sends is sealed (see [`crate::auth`]).
+    signer: Option<DeviceSigner>,
+    /// Batches sent without a proof because the ledger did not know the chain.
+    n_unsigned: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +90,21 @@ impl Uplink {
             last_progress: now,
             stall_reported: false,
             backlog_events: 0,
+            signer: None,
+            n_unsigned: 0,
         }
+    }
+
+    /// Seals every batch with the device's key (a device's session; see [`crate::auth`]).
+    pub fn signing(mut self, signer: DeviceSigner) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// Batches sent unsigned although this session has a key, because the ledger did not know
+    /// the chain value before them.
+    pub fn n_unsigned(&self) -> u64 {
+        self.n_unsigned
     }
 
     /// Whether the handshake is done and the session is open.
@@ -339,10 +358,43 @@ impl Uplink {
                 stream.next = stream.known_high.next();
                 continue;
             };
+            // A relay forwards whole sealed runs: a cut elsewhere could not be verified.
+            if self.signer.is_none() && batch.proof.as_ref().is_some_and(|proof| !proof.seals.is_empty()) {
+                let len = batch.events.len();
+                let ends_sealed = batch
+                    .proof
+                    .as_ref()
+                    .is_some_and(|proof| proof.seals.last().map(|seal| seal.seq) == Some(batch.last_seq()));
+                if !ends_sealed {
+                    batch.truncate_sealed(len - 1);
+                }
+            }
             // Keep the frame under the size limit: large payloads mean fewer events per batch.
             while batch.events.len() > 1 && Frame::Events(batch.clone()).encoded_len() > FRAME_BYTES_MAX {
                 let keep = batch.events.len() / 2;
-                batch.events.truncate(keep);
+                if !batch.truncate_sealed(keep) {
+                    break;
+                }
+            }
+            if let Some(signer) = &self.signer {
+                match batch.proof.as_mut() {
+                    Some(proof) => {
+                        let head = proof.prev.over(&batch.events);
+                        proof.seals =
+                            vec![signer.seal(batch.events.last().map_or(batch.from, |event| event.id.seq), &head)];
+                        proof.hole = batch
+                            .events
+                            .first()
+                            .map(|event| event.id.seq)
+                            .filter(|first| *first > batch.from)
+                            .map(|first| signer.hole(batch.from, Seq(first.0 - 1), proof.prev));
+                    }
+                    None => {
+                        self.n_unsigned += 1;
+                        #[cfg(feature = "std")]
+                        tracing::warn!(%device, from = %batch.from, "sending unsigned: the ledger does not know the chain before these events");
+                    }
+                }
             }
             let last = batch.last_seq();
             stream.in_flight.push_back((last, now));

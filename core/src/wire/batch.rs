@@ -15,12 +15,19 @@
 //!
 //! New row codes need a new protocol version; new kinds and versions always use code `0x02`, which
 //! old readers keep as unknown payloads.
+//!
+//! After the rows, a batch may carry its [`BatchProof`] (see [`crate::auth`]) as a trailing
+//! section, which readers that predate it ignore: `0xA1, prev (32 bytes), n_seals,
+//! (seal seq - from, signature (64 bytes)) * n_seals, has_hole (0 or 1)` and, with a hole,
+//! `first, last, chain (32 bytes), signature (64 bytes)`. Any other first byte is a newer trailer
+//! this build skips.
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::codec::{put_str, put_varint, zigzag, Reader};
+use crate::auth::{BatchProof, ChainHash, HoleProof, Seal, CHAIN_BYTES, SIGNATURE_BYTES};
 use crate::event::{
     BodyError, DeviceId, Event, EventId, EventKind, Hlc, Millis, NameError, Payload, SensorReading, Seq,
 };
@@ -32,6 +39,7 @@ const CODE_READING_RAW: u8 = 0x01;
 const CODE_OTHER: u8 = 0x02;
 const CODE_READING_SCALED: u8 = 0x10;
 const SCALE_MAX: u8 = 9;
+const PROOF_TRAILER: u8 = 0xA1;
 const POW10: [f64; 10] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 /// Integers beyond this lose precision as f64.
 const EXACT_INT_MAX: f64 = 9_007_199_254_740_992.0;
@@ -45,6 +53,8 @@ pub struct EventBatch {
     pub from: Seq,
     /// The events, seqs contiguous, all of `device`. Never empty.
     pub events: Vec<Event>,
+    /// The device's signatures over the batch, if the sender has them (see [`crate::auth`]).
+    pub proof: Option<BatchProof>,
 }
 
 /// Why a batch is invalid or its bytes do not decode.
@@ -129,6 +139,12 @@ pub enum BatchError {
         /// Which row.
         row: usize,
     },
+    /// The proof section is malformed.
+    #[error("malformed batch proof at byte {offset}")]
+    Proof {
+        /// Where.
+        offset: usize,
+    },
     /// A known payload whose body does not match its schema.
     #[error("row {row}: {source}")]
     Body {
@@ -144,7 +160,7 @@ impl EventBatch {
     /// A batch of `events`, checked: non-empty, at most [`BATCH_EVENTS_MAX`], all of `device`,
     /// seqs contiguous, and `from` (>= 1) not after the first.
     pub fn new(device: DeviceId, from: Seq, events: Vec<Event>) -> Result<Self, BatchError> {
-        let batch = Self { device, from, events };
+        let batch = Self { device, from, events, proof: None };
         batch.validate()?;
         Ok(batch)
     }
@@ -188,7 +204,9 @@ impl EventBatch {
     }
 
     /// The batch without the part a receiver holding up to `held` already has, or `None` if it
-    /// has all of it. A declared hole is trimmed the same way.
+    /// has all of it. A declared hole is trimmed the same way. A proof stays valid: its `prev`
+    /// moves past the trimmed events (the chain is a function of them) and seals on trimmed seqs
+    /// go.
     pub fn after(&self, held: Seq) -> Option<EventBatch> {
         if self.last_seq() <= held {
             return None;
@@ -196,8 +214,44 @@ impl EventBatch {
         if self.from > held {
             return Some(self.clone());
         }
-        let events: Vec<Event> = self.events.iter().filter(|event| event.id.seq > held).cloned().collect();
-        Some(EventBatch { device: self.device, from: held.next().max(self.from), events })
+        let (skipped, kept): (Vec<&Event>, Vec<&Event>) = self.events.iter().partition(|event| event.id.seq <= held);
+        let from = held.next().max(self.from);
+        let proof = self.proof.as_ref().map(|proof| {
+            let first_kept = kept.first().map_or(from, |event| event.id.seq);
+            BatchProof {
+                prev: proof.prev.over(skipped.iter().copied()),
+                seals: proof.seals.iter().filter(|seal| seal.seq > held).copied().collect(),
+                hole: proof.hole.filter(|_| from < first_kept),
+            }
+        });
+        Some(EventBatch { device: self.device, from, events: kept.into_iter().cloned().collect(), proof })
+    }
+
+    /// Shortens the batch to at most `max_events` events. A sealed batch is cut only right after a
+    /// seal, so it stays verifiable; returns `false` (and leaves it as it is) if no seal falls
+    /// within the first `max_events` events.
+    pub fn truncate_sealed(&mut self, max_events: usize) -> bool {
+        let max_events = max_events.max(1);
+        if self.events.len() <= max_events {
+            return true;
+        }
+        let keep = match &self.proof {
+            None => max_events,
+            Some(proof) => {
+                let first = self.first_seq().0;
+                let cut = proof.seals.iter().rev().map(|seal| seal.seq.0 - first + 1).find(|n| *n <= max_events as u64);
+                match cut {
+                    Some(n) => n as usize,
+                    None => return false,
+                }
+            }
+        };
+        self.events.truncate(keep);
+        let last = self.last_seq();
+        if let Some(proof) = &mut self.proof {
+            proof.seals.retain(|seal| seal.seq <= last);
+        }
+        true
     }
 
     /// Appends the compact encoding to `out`.
@@ -275,6 +329,9 @@ impl EventBatch {
                 }
             }
         }
+        if let Some(proof) = &self.proof {
+            encode_proof(proof, self.from, out);
+        }
     }
 
     /// Decodes a batch from its compact encoding. Never panics; allocates at most in proportion
@@ -351,9 +408,74 @@ impl EventBatch {
                 payload,
             });
         }
-        Ok(EventBatch { device, from, events })
+        let last = Seq(first.0 + n_events - 1);
+        let proof = if reader.remaining() > 0 && reader.peek() == Some(PROOF_TRAILER) {
+            reader.u8()?;
+            Some(decode_proof(&mut reader, from, last)?)
+        } else {
+            // Nothing, or a trailer from a newer build: ignored, as the compatibility rules say.
+            None
+        };
+        Ok(EventBatch { device, from, events, proof })
     }
 }
+
+fn encode_proof(proof: &BatchProof, from: Seq, out: &mut Vec<u8>) {
+    out.push(PROOF_TRAILER);
+    out.extend_from_slice(&proof.prev.0);
+    put_varint(out, proof.seals.len() as u64);
+    for seal in &proof.seals {
+        put_varint(out, seal.seq.0.saturating_sub(from.0));
+        out.extend_from_slice(&seal.signature);
+    }
+    match &proof.hole {
+        None => out.push(0),
+        Some(hole) => {
+            out.push(1);
+            put_varint(out, hole.first.0);
+            put_varint(out, hole.last.0);
+            out.extend_from_slice(&hole.chain.0);
+            out.extend_from_slice(&hole.signature);
+        }
+    }
+}
+
+fn decode_proof(reader: &mut Reader<'_>, from: Seq, last: Seq) -> Result<BatchProof, BatchError> {
+    let prev = ChainHash(array(reader)?);
+    let n_seals = reader.varint()?;
+    // A seal takes at least 65 bytes and at most one falls on each seq: refuse counts the input
+    // or the batch cannot hold before allocating for them.
+    let span = last.0 - from.0 + 1;
+    if n_seals > span || n_seals.saturating_mul(1 + SIGNATURE_BYTES as u64) > reader.remaining() as u64 {
+        return Err(BatchError::Proof { offset: reader.offset() });
+    }
+    let mut seals = Vec::with_capacity(n_seals as usize);
+    for _ in 0..n_seals {
+        let offset = reader.offset();
+        let seq =
+            from.0.checked_add(reader.varint()?).filter(|seq| *seq <= last.0).ok_or(BatchError::Proof { offset })?;
+        seals.push(Seal { seq: Seq(seq), signature: array(reader)? });
+    }
+    let hole = match reader.u8()? {
+        0 => None,
+        1 => Some(HoleProof {
+            first: Seq(reader.varint()?),
+            last: Seq(reader.varint()?),
+            chain: ChainHash(array(reader)?),
+            signature: array(reader)?,
+        }),
+        _ => return Err(BatchError::Proof { offset: reader.offset() - 1 }),
+    };
+    Ok(BatchProof { prev, seals, hole })
+}
+
+fn array<const N: usize>(reader: &mut Reader<'_>) -> Result<[u8; N], BatchError> {
+    let mut out = [0u8; N];
+    out.copy_from_slice(reader.bytes(N)?);
+    Ok(out)
+}
+
+const _: () = assert!(CHAIN_BYTES == 32 && SIGNATURE_BYTES == 64);
 
 fn pair(reader: &mut Reader<'_>, row: usize, n_pairs: usize) -> Result<usize, BatchError> {
     let index = reader.varint()?;

@@ -72,6 +72,10 @@ impl<'a> Reader<'a> {
         self.bytes.len() - self.pos
     }
 
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
     pub(crate) fn u8(&mut self) -> Result<u8, BatchError> {
         let byte = *self.bytes.get(self.pos).ok_or(BatchError::Truncated { offset: self.pos })?;
         self.pos += 1;
