@@ -63,6 +63,9 @@ pub struct SessionConfig {
     pub keepalive_ms: u64,
     /// Close the session after this long without receiving anything.
     pub idle_timeout_ms: u64,
+    /// Close the session when the handshake (`Hello`, `Welcome`) is not done this long after it
+    /// started: keep-alives would otherwise hold a session whose hello was lost open forever.
+    pub handshake_timeout_ms: u64,
     /// Report a stall when there is a backlog and no acknowledgement for this long.
     pub stall_ms: u64,
     /// Report a resend loop when the same events were resent this many times.
@@ -83,6 +86,7 @@ impl Default for SessionConfig {
             retransmit_ms: 5_000,
             keepalive_ms: 10_000,
             idle_timeout_ms: 45_000,
+            handshake_timeout_ms: 20_000,
             stall_ms: 60_000,
             resends_max: 5,
             shadow_limits: ShadowLimits::default(),
@@ -199,6 +203,8 @@ pub enum CloseReason {
     },
     /// Nothing was received for `idle_timeout_ms`.
     IdleTimeout,
+    /// The handshake was not done within `handshake_timeout_ms`.
+    HandshakeTimeout,
 }
 
 /// Why a frame could not be handled. The session has already queued an error frame for the peer
@@ -394,6 +400,20 @@ impl Common {
         if now.since(self.last_sent) >= self.config.keepalive_ms && self.transmit.is_empty() {
             self.send(Frame::KeepAlive(crate::wire::KeepAlive { backlog_events }));
         }
+        true
+    }
+
+    /// Closes the session if the handshake started at `started` is overdue. Returns whether it
+    /// did.
+    fn handshake_overdue(&mut self, now: Millis, started: Millis) -> bool {
+        if self.closed || now.since(started) < self.config.handshake_timeout_ms {
+            return false;
+        }
+        self.send(Frame::Error(ErrorFrame {
+            code: ErrorCode::IdleTimeout,
+            message: format!("handshake not done after {} ms", now.since(started)),
+        }));
+        self.close(CloseReason::HandshakeTimeout);
         true
     }
 

@@ -32,6 +32,8 @@ pub struct Ingest {
     welcomed: VersionVector,
     /// Negotiated protocol version.
     protocol: u16,
+    /// When the session started (the client's hello must come by `handshake_timeout_ms` after).
+    started: Millis,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +98,7 @@ impl Ingest {
             keys: None,
             welcomed: VersionVector::new(),
             protocol: crate::wire::PROTOCOL_VERSION_MIN,
+            started: now,
         }
     }
 
@@ -410,12 +413,19 @@ impl Ingest {
 
     /// Keep-alives and the idle timeout.
     pub fn handle_timeout(&mut self, now: Millis) {
+        if !self.established && self.common.handshake_overdue(now, self.started) {
+            return;
+        }
         self.common.handle_timeout_common(now, 0);
     }
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.common.common_timeout()
+        let deadline = self.common.common_timeout()?;
+        if self.established {
+            return Some(deadline);
+        }
+        Some(deadline.min(self.started.plus_ms(self.common.config.handshake_timeout_ms)))
     }
 }
 

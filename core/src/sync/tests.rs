@@ -375,3 +375,36 @@ fn a_roaming_device_sends_a_new_gateway_only_what_it_lacks() {
         "the committed seqs are covered, not waited for"
     );
 }
+
+#[test]
+fn a_lost_hello_closes_both_ends_by_the_handshake_timeout_despite_keepalives() {
+    let mut on_device = device_store();
+    let mut on_gateway = gateway_store();
+    record(&mut on_device, 1);
+    let config = SessionConfig { keepalive_ms: 1_000, ..SessionConfig::default() };
+    let mut uplink = Uplink::for_device(device(), config.clone(), Millis(0));
+    let mut ingest = Ingest::for_gateway(device(), config.clone(), Millis(0));
+    // The hello is lost; only keep-alives pass, which keep the idle timers of both ends happy.
+    let _lost_hello = uplink.poll_transmit(Millis(0), &mut on_device).unwrap().unwrap();
+    let mut now = Millis(0);
+    let mut closes = Vec::new();
+    while now.0 <= 2 * config.handshake_timeout_ms && closes.len() < 2 {
+        now = uplink.poll_timeout().unwrap_or(now).min(ingest.poll_timeout().unwrap_or(now)).max(now.plus_ms(1));
+        uplink.handle_timeout(now);
+        ingest.handle_timeout(now);
+        while let Some(frame) = uplink.poll_transmit(now, &mut on_device).unwrap() {
+            let _ = ingest.handle_frame(now, frame, &mut on_gateway);
+        }
+        while let Some(frame) = ingest.poll_transmit(now, &mut on_gateway) {
+            let _ = uplink.handle_frame(now, frame, &mut on_device);
+        }
+        for event in std::iter::from_fn(|| uplink.poll_event()).chain(std::iter::from_fn(|| ingest.poll_event())) {
+            if let SessionEvent::Closed(reason) = event {
+                closes.push((now, reason));
+            }
+        }
+    }
+    assert!(uplink.is_closed() && ingest.is_closed(), "{closes:?}");
+    assert!(closes.iter().any(|(_, reason)| *reason == CloseReason::HandshakeTimeout), "{closes:?}");
+    assert!(closes.iter().all(|(at, _)| at.0 >= config.handshake_timeout_ms && at.0 < config.idle_timeout_ms));
+}

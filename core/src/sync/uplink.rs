@@ -28,6 +28,8 @@ pub struct Uplink {
     signer: Option<DeviceSigner>,
     /// Batches sent without a proof because the ledger did not know the chain.
     n_unsigned: u64,
+    /// When the session started (the handshake must be done by `handshake_timeout_ms` after).
+    started: Millis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,7 @@ impl Uplink {
             backlog_events: 0,
             signer: None,
             n_unsigned: 0,
+            started: now,
         }
     }
 
@@ -412,6 +415,9 @@ impl Uplink {
 
     /// Retransmits, keep-alives, idle timeout and stall detection.
     pub fn handle_timeout(&mut self, now: Millis) {
+        if self.state != State::Established && self.common.handshake_overdue(now, self.started) {
+            return;
+        }
         if !self.common.handle_timeout_common(now, self.backlog_events) {
             return;
         }
@@ -455,6 +461,9 @@ impl Uplink {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let mut deadline = self.common.common_timeout()?;
+        if self.state != State::Established {
+            deadline = deadline.min(self.started.plus_ms(self.common.config.handshake_timeout_ms));
+        }
         for stream in self.streams.values() {
             if let Some((_, sent)) = stream.in_flight.front() {
                 deadline = deadline.min(sent.plus_ms(self.common.config.retransmit_ms));
