@@ -33,6 +33,9 @@ is_wanted() {
   return 1
 }
 
+# The commit the run builds (a working tree with uncommitted changes is marked "+dirty").
+commit="$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- . 2>/dev/null || echo +dirty)"
+started="$(date -u +%F)"
 summary=()
 found=0
 for crate in "${crate_order[@]}"; do
@@ -71,6 +74,6 @@ for crate in "${crate_order[@]}"; do
 done
 
 echo
-echo "fuzz summary ($(date -u +%F), commit $(git -C "$root" rev-parse --short HEAD), ${seconds} s per target):"
+echo "fuzz summary ($started, commit $commit, ${seconds} s per target):"
 printf '%s\n' "${summary[@]}"
 exit $found

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use tidesync_core::auth::{BatchProof, ChainHash, DeviceKeys, DeviceSigner};
 use tidesync_core::event::{
     AppPayload, DeviceId, Event, EventId, Gap, GapReason, Hlc, LogLevel, LogLine, Millis, Payload, SensorReading, Seq,
     ShadowReported, UnknownPayload,
@@ -256,10 +257,35 @@ pub fn batches() -> Vec<EventBatch> {
     let mut out = Vec::new();
     for (from, events) in [(Seq(1), one_hz), (Seq(12), mixed), (Seq(90), two_sensors)] {
         if let Ok(batch) = EventBatch::new(device, from, events) {
-            out.push(batch);
+            out.push(batch.clone());
+            out.push(signed(batch));
         }
     }
     out
+}
+
+/// The signing key of the seeds' device (a fixed test seed).
+pub fn signer() -> DeviceSigner {
+    DeviceSigner::from_seed(device(), [7; 32])
+}
+
+/// The cloud's key registry holding [`signer`]'s public key.
+pub fn device_keys() -> DeviceKeys {
+    let mut keys = DeviceKeys::new();
+    // A key derived from a fixed seed is a valid, non-weak key.
+    let _ = keys.insert(device(), signer().public_key());
+    keys
+}
+
+/// `batch` with a proof as the device signs it: the chain before it, a seal on its last event,
+/// and a hole proof when it starts with a declared hole.
+fn signed(mut batch: EventBatch) -> EventBatch {
+    let signer = signer();
+    let prev = ChainHash::genesis(&batch.device);
+    let head = prev.over(batch.events.iter());
+    let hole = batch.dropped().map(|(first, last)| signer.hole(first, last, prev));
+    batch.proof = Some(BatchProof { prev, seals: vec![signer.seal(batch.last_seq(), &head)], hole });
+    batch
 }
 
 /// Firmware records as the sampler logs them.
