@@ -9,6 +9,11 @@
 //! after the cloud committed them (`<= committed`), and holes a device declared; `high`, `committed`
 //! and the holes are written in the same transaction as the events they describe.
 //!
+//! Invariant: the proof a device's batch carried (see `tidesync_core::auth`) is stored in the same
+//! transaction as its events, one row per appended batch in `proofs` ([`proofs`]), and pruned
+//! with them; a read hands it on untouched, so the cloud can verify what this gateway relays
+//! (and this gateway cannot forge it). A batch without a proof is relayed without one.
+//!
 //! Invariant: events held use at most `budget_bytes` (body plus [`EVENT_ROW_OVERHEAD_BYTES`]); an
 //! append that would pass it changes nothing and fails with `LedgerError::Full`.
 
@@ -16,12 +21,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use tidesync_core::event::{DeviceId, Event, EventId, EventKind, Hlc, Payload, Seq};
+use tidesync_core::auth::{ChainHash, EncodedEvent};
+use tidesync_core::event::{DeviceId, Event, EventId, EventKind, Hlc, Millis, Payload, Seq};
 use tidesync_core::ledger::{Appended, Ledger, LedgerError};
 use tidesync_core::shadow::{Shadow, ShadowError, ShadowLimits};
 use tidesync_core::sync::Store;
 use tidesync_core::vv::VersionVector;
 use tidesync_core::wire::{EventBatch, BATCH_EVENTS_MAX};
+
+use self::proofs::ProofRow;
 
 /// `PRAGMA application_id` of a gateway spool ("TSGW").
 pub const APPLICATION_ID: i64 = 0x5453_4757;
@@ -52,6 +60,15 @@ CREATE TABLE IF NOT EXISTS holes (
     last   INTEGER NOT NULL,
     PRIMARY KEY (device, first)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS proofs (
+    device TEXT    NOT NULL,
+    first  INTEGER NOT NULL,
+    last   INTEGER NOT NULL,
+    prev   BLOB    NOT NULL,
+    seals  BLOB    NOT NULL,
+    hole   BLOB,
+    PRIMARY KEY (device, first)
+) STRICT, WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS shadows (
     device TEXT PRIMARY KEY NOT NULL,
     doc    BLOB NOT NULL
@@ -93,6 +110,14 @@ pub enum SpoolError {
     DeviceName {
         /// The name.
         name: String,
+    },
+    /// A stored batch proof does not decode (the file was edited by hand or is corrupt).
+    #[error("corrupt batch proof of {device} at seq {first} in the spool")]
+    Proof {
+        /// Whose.
+        device: DeviceId,
+        /// The first seq it covers.
+        first: Seq,
     },
 }
 
@@ -377,6 +402,132 @@ impl Spool {
         Ok(body.len() as u64 + EVENT_ROW_OVERHEAD_BYTES)
     }
 
+    fn insert_proof(&self, device: DeviceId, row: &ProofRow) -> Result<(), rusqlite::Error> {
+        self.db
+            .prepare_cached(
+                "INSERT OR REPLACE INTO proofs (device, first, last, prev, seals, hole) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                device.as_str(),
+                to_i64(row.first.0),
+                to_i64(row.last.0),
+                &row.prev.0[..],
+                proofs::encode_seals(&row.seals),
+                row.hole.as_ref().map(proofs::encode_hole),
+            ])?;
+        Ok(())
+    }
+
+    /// The stored proof rows of `device` from the one holding `first` (or the last before it) to
+    /// the last starting at or before `last`, ascending.
+    fn proof_rows(&self, device: &DeviceId, first: Seq, last: Seq) -> Result<Vec<ProofRow>, LedgerError> {
+        let mut statement = self
+            .db
+            .prepare_cached(
+                "SELECT first, last, prev, seals, hole FROM proofs
+                 WHERE device = ?1 AND first <= ?3
+                   AND first >= COALESCE((SELECT MAX(first) FROM proofs WHERE device = ?1 AND first <= ?2), 0)
+                 ORDER BY first",
+            )
+            .map_err(storage)?;
+        let rows = statement
+            .query_map(params![device.as_str(), to_i64(first.0), to_i64(last.0)], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                    row.get::<_, Option<Vec<u8>>>(4)?,
+                ))
+            })
+            .map_err(storage)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (first, last, prev, seals, hole) = row.map_err(storage)?;
+            let (first, last) = (Seq(first as u64), Seq(last as u64));
+            let corrupt = || LedgerError::Storage(Box::new(SpoolError::Proof { device: *device, first }));
+            let hole = match hole {
+                Some(bytes) => Some(proofs::decode_hole(&bytes).ok_or_else(corrupt)?),
+                None => None,
+            };
+            out.push(ProofRow {
+                first,
+                last,
+                prev: proofs::decode_chain(&prev).ok_or_else(corrupt)?,
+                seals: proofs::decode_seals(&seals).ok_or_else(corrupt)?,
+                hole,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The chain value after `up_to` (before `up_to + 1`), from `anchor`, the row holding
+    /// `up_to + 1` or the last before it: its `prev` hashed forward over the events held from its
+    /// first to `up_to`. `None` if unknown (no anchor, or events missing in between).
+    fn chain_after(
+        &self,
+        device: &DeviceId,
+        up_to: Seq,
+        anchor: Option<&ProofRow>,
+    ) -> Result<Option<ChainHash>, LedgerError> {
+        if up_to == Seq::ZERO {
+            return Ok(Some(ChainHash::genesis(device)));
+        }
+        let Some(anchor) = anchor.filter(|anchor| anchor.first <= up_to.next()) else { return Ok(None) };
+        if anchor.first == up_to.next() {
+            return Ok(Some(anchor.prev));
+        }
+        let mut statement = self
+            .db
+            .prepare_cached(
+                "SELECT seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body
+                 FROM events WHERE device = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+            )
+            .map_err(storage)?;
+        let mut rows =
+            statement.query(params![device.as_str(), to_i64(anchor.first.0), to_i64(up_to.0)]).map_err(storage)?;
+        let (mut chain, mut expected) = (anchor.prev, anchor.first);
+        while let Some(row) = rows.next().map_err(storage)? {
+            let seq = Seq(row.get::<_, i64>(0).map_err(storage)? as u64);
+            if seq != expected {
+                return Ok(None);
+            }
+            let body = row.get_ref(6).map_err(storage)?.as_blob().map_err(|error| storage(error.into()))?;
+            chain = chain.next_encoded(&EncodedEvent {
+                id: EventId { device: *device, seq },
+                hlc: Hlc {
+                    wall_ms: row.get::<_, i64>(1).map_err(storage)? as u64,
+                    logical: row.get(2).map_err(storage)?,
+                },
+                event_time: Millis(row.get::<_, i64>(3).map_err(storage)? as u64),
+                kind: EventKind::from_tag(row.get(4).map_err(storage)?),
+                schema_version: row.get(5).map_err(storage)?,
+                body,
+            });
+            expected = seq.next();
+        }
+        Ok((expected == up_to.next()).then_some(chain))
+    }
+
+    /// Forgets the proofs of `device` up to `up_to` before its events there are pruned. A row
+    /// that goes past `up_to` keeps its part after it, with the chain value at `up_to` computed
+    /// from the events still held, so a read from `up_to + 1` still carries a proof.
+    fn prune_proofs(&self, device: &DeviceId, up_to: Seq) -> Result<(), LedgerError> {
+        let rows = self.proof_rows(device, up_to, up_to)?;
+        if let Some(straddling) = rows.last().filter(|row| row.first <= up_to && row.last > up_to) {
+            let chain = self.chain_after(device, up_to, Some(straddling))?;
+            if let Some(chain) = chain {
+                self.insert_proof(*device, &straddling.after(up_to, chain)).map_err(storage)?;
+            }
+        }
+        self.db
+            .prepare_cached("DELETE FROM proofs WHERE device = ?1 AND first <= ?2")
+            .map_err(storage)?
+            .execute(params![device.as_str(), to_i64(up_to.0)])
+            .map_err(storage)?;
+        Ok(())
+    }
+
     fn append_in_tx(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
         let mut state = self.streams.get(&batch.device).cloned().unwrap_or_default();
         if batch.from > state.high.next() {
@@ -420,10 +571,13 @@ impl Spool {
             n_new += 1;
         }
         if batch.last_seq() > state.high {
-            if let Some(fresh_batch) = batch.after(state.high) {
-                if let Some((first, last)) = fresh_batch.dropped() {
-                    state.holes.insert(first, last);
-                }
+            // What is past high may start with a declared hole (after what the spool covers).
+            let (from, first) = (state.high.next().max(batch.from), batch.first_seq().max(state.high.next()));
+            if from < first {
+                state.holes.insert(from, Seq(first.0 - 1));
+            }
+            if let Some(row) = ProofRow::of_fresh(batch, state.high) {
+                self.insert_proof(batch.device, &row).map_err(storage)?;
             }
             state.high = batch.last_seq();
         }
@@ -481,14 +635,22 @@ impl Ledger for Spool {
             events.push(Event {
                 id: EventId { device: *device, seq },
                 hlc: Hlc { wall_ms: hlc_wall_ms as u64, logical: hlc_logical },
-                event_time: tidesync_core::event::Millis(event_time_ms as u64),
+                event_time: Millis(event_time_ms as u64),
                 payload,
             });
         }
         if events.is_empty() {
             return Ok(None);
         }
-        Ok(Some(EventBatch::new(*device, from, events)?))
+        let mut batch = EventBatch::new(*device, from, events)?;
+        let (first, last) = (batch.first_seq(), batch.last_seq());
+        let rows = self.proof_rows(device, first, last)?;
+        // Events that came with a proof go on with one; others (unsigned devices) without.
+        if rows.iter().any(|row| row.last >= first) {
+            let prev = self.chain_after(device, Seq(first.0 - 1), rows.first())?;
+            batch.proof = prev.map(|prev| proofs::batch_proof(prev, from, first, last, &rows));
+        }
+        Ok(Some(batch))
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
@@ -510,6 +672,7 @@ impl Ledger for Spool {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .map_err(storage)?;
+        self.prune_proofs(&device, up_to)?;
         self.db
             .execute("DELETE FROM events WHERE device = ?1 AND seq <= ?2", params![device.as_str(), to_i64(up_to.0)])
             .map_err(storage)?;
@@ -522,6 +685,20 @@ impl Ledger for Spool {
         self.write_stream(device, &state).map_err(storage)?;
         self.streams.insert(device, state);
         Ok(())
+    }
+
+    fn chain_head(&self, device: &DeviceId) -> Option<ChainHash> {
+        let high = self.high(device);
+        let head = self
+            .proof_rows(device, high.next(), high.next())
+            .and_then(|rows| self.chain_after(device, high, rows.first()));
+        match head {
+            Ok(head) => head,
+            Err(error) => {
+                tracing::error!(%device, %error, "cannot read the chain head from the spool");
+                None
+            }
+        }
     }
 }
 
@@ -544,6 +721,8 @@ pub fn has_stream(db_path: &Path, device: &DeviceId) -> Result<bool, rusqlite::E
         .optional()?;
     Ok(found.is_some())
 }
+
+mod proofs;
 
 #[cfg(test)]
 mod tests;
