@@ -56,6 +56,11 @@ impl ApiError {
     fn not_found(message: impl Into<String>) -> Self {
         Self { status: StatusCode::NOT_FOUND, message: message.into() }
     }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -156,7 +161,8 @@ pub async fn serve(
     axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
 }
 
-fn device_of(name: &str) -> Result<DeviceId, ApiError> {
+/// Parses a device id from a request path (pub for the fuzz target).
+pub fn device_of(name: &str) -> Result<DeviceId, ApiError> {
     DeviceId::new(name).map_err(|error| ApiError::bad_request(format!("device id {name:?}: {error}")))
 }
 
@@ -357,41 +363,80 @@ async fn events(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Json_>, ApiError> {
     let device = device_of(&name)?;
-    let limit = limit(&query)?;
+    match parse_events_query(&query)? {
+        EventsPage::ByTime { from, to, after, limit } => {
+            let page = state.read(move |reader| Ok(reader.read_times(&device, from, to, after, limit)?)).await?;
+            let next = (page.len() == limit)
+                .then(|| {
+                    page.last()
+                        .map(|last| json!({ "after_ms": last.event.event_time.0, "after_seq": last.event.id.seq.0 }))
+                })
+                .flatten();
+            Ok(Json(json!({ "events": page.iter().map(event_json).collect::<Vec<_>>(), "next": next })))
+        }
+        EventsPage::BySeq { from, to, limit } => {
+            let page = state.read(move |reader| Ok(reader.read_seqs(&device, from, to, limit)?)).await?;
+            let next = (page.len() == limit)
+                .then(|| page.last().map(|last| json!({ "from_seq": last.event.id.seq.0 + 1 })))
+                .flatten();
+            Ok(Json(json!({ "events": page.iter().map(event_json).collect::<Vec<_>>(), "next": next })))
+        }
+    }
+}
+
+/// How `GET /api/devices/{id}/events` pages, parsed from its query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsPage {
+    /// Events with seqs `from..=to`, at most `limit`.
+    BySeq {
+        /// First seq (at least 1).
+        from: Seq,
+        /// Last seq.
+        to: Seq,
+        /// Most events.
+        limit: usize,
+    },
+    /// Events with event times `from..=to`, after the cursor `(event time, seq)` if any.
+    ByTime {
+        /// Earliest event time.
+        from: Millis,
+        /// Latest event time.
+        to: Millis,
+        /// The previous page's last event.
+        after: Option<(Millis, Seq)>,
+        /// Most events.
+        limit: usize,
+    },
+}
+
+/// Parses the query of `GET /api/devices/{id}/events` (a pub function so the fuzz target
+/// `cloud/fuzz` `http_bodies` calls exactly what the handler calls).
+pub fn parse_events_query(query: &HashMap<String, String>) -> Result<EventsPage, ApiError> {
+    let limit = limit(query)?;
     let by_time = query.contains_key("from_ms") || query.contains_key("to_ms");
     let by_seq = query.contains_key("from_seq") || query.contains_key("to_seq");
     if by_time && by_seq {
         return Err(ApiError::bad_request("page by seq (from_seq, to_seq) or by time (from_ms, to_ms), not both"));
     }
     if by_time {
-        let from = number(&query, "from_ms")?.unwrap_or(0);
-        let to = number(&query, "to_ms")?.unwrap_or(u64::MAX >> 1);
+        let from = number(query, "from_ms")?.unwrap_or(0);
+        let to = number(query, "to_ms")?.unwrap_or(u64::MAX >> 1);
         if from > to {
             return Err(ApiError::bad_request("from_ms is after to_ms"));
         }
-        let cursor = match (number(&query, "after_ms")?, number(&query, "after_seq")?) {
+        let after = match (number(query, "after_ms")?, number(query, "after_seq")?) {
             (Some(time), Some(seq)) => Some((Millis(time), Seq(seq))),
             (None, None) => None,
             _ => return Err(ApiError::bad_request("after_ms and after_seq go together")),
         };
-        let page =
-            state.read(move |reader| Ok(reader.read_times(&device, Millis(from), Millis(to), cursor, limit)?)).await?;
-        let next = (page.len() == limit)
-            .then(|| {
-                page.last().map(|last| json!({ "after_ms": last.event.event_time.0, "after_seq": last.event.id.seq.0 }))
-            })
-            .flatten();
-        return Ok(Json(json!({ "events": page.iter().map(event_json).collect::<Vec<_>>(), "next": next })));
+        return Ok(EventsPage::ByTime { from: Millis(from), to: Millis(to), after, limit });
     }
-    let from = number(&query, "from_seq")?.unwrap_or(1).max(1);
-    let to = number(&query, "to_seq")?.unwrap_or(u64::MAX >> 1);
+    let from = number(query, "from_seq")?.unwrap_or(1).max(1);
+    let to = number(query, "to_seq")?.unwrap_or(u64::MAX >> 1);
     if from > to {
         return Err(ApiError::bad_request("from_seq is after to_seq"));
     }
-    let page = state.read(move |reader| Ok(reader.read_seqs(&device, Seq(from), Seq(to), limit)?)).await?;
-    let next =
-        (page.len() == limit).then(|| page.last().map(|last| json!({ "from_seq": last.event.id.seq.0 + 1 }))).flatten();
-    Ok(Json(json!({ "events": page.iter().map(event_json).collect::<Vec<_>>(), "next": next })))
+    Ok(EventsPage::BySeq { from: Seq(from), to: Seq(to), limit })
 }
 
 async fn aggregates(
@@ -400,14 +445,7 @@ async fn aggregates(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Json_>, ApiError> {
     let device = device_of(&name)?;
-    let limit = limit(&query)?;
-    let resolution = query.get("resolution").map_or("minute", String::as_str);
-    let projection = match resolution {
-        "minute" => builtin::MINUTE,
-        "hour" => builtin::HOUR,
-        other => return Err(ApiError::bad_request(format!("resolution {other:?}: use minute or hour"))),
-    };
-    let sensor = query.get("sensor").cloned();
+    let AggregatesQuery { projection, resolution, sensor, limit } = parse_aggregates_query(&query)?;
     let prefix = match &sensor {
         Some(sensor) => format!("{device}|{sensor}|"),
         None => format!("{device}|"),
@@ -420,6 +458,31 @@ async fn aggregates(
         .filter(|row| sensor.as_ref().is_none_or(|sensor| row.get("sensor").and_then(Json_::as_str) == Some(sensor)))
         .collect();
     Ok(Json(json!({ "device": device.as_str(), "resolution": resolution, "buckets": buckets })))
+}
+
+/// The query of `GET /api/devices/{id}/aggregates`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatesQuery {
+    /// The projection to read (`minute` or `hour`).
+    pub projection: &'static str,
+    /// The resolution's name, echoed in the answer.
+    pub resolution: &'static str,
+    /// Only this sensor's buckets, if named.
+    pub sensor: Option<String>,
+    /// Most buckets.
+    pub limit: usize,
+}
+
+/// Parses the query of `GET /api/devices/{id}/aggregates` (pub for the fuzz target, as
+/// [`parse_events_query`]).
+pub fn parse_aggregates_query(query: &HashMap<String, String>) -> Result<AggregatesQuery, ApiError> {
+    let limit = limit(query)?;
+    let (projection, resolution) = match query.get("resolution").map_or("minute", String::as_str) {
+        "minute" => (builtin::MINUTE, "minute"),
+        "hour" => (builtin::HOUR, "hour"),
+        other => return Err(ApiError::bad_request(format!("resolution {other:?}: use minute or hour"))),
+    };
+    Ok(AggregatesQuery { projection, resolution, sensor: query.get("sensor").cloned(), limit })
 }
 
 async fn shadow(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Json_>, ApiError> {
@@ -442,6 +505,19 @@ async fn set_desired(
     body: axum::body::Bytes,
 ) -> Result<Json<Json_>, ApiError> {
     let device = device_of(&name)?;
+    let entries = parse_desired_patch(&body)?;
+    state
+        .control
+        .set_desired(device, entries)
+        .await
+        .map_err(|message| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, message })?;
+    let row = state.read(move |reader| Ok(reader.shadow(&device)?)).await?;
+    Ok(Json(json!({ "device": device.as_str(), "shadow": row.map(|row| row.view) })))
+}
+
+/// Parses the body of `PATCH /api/devices/{id}/desired`: a JSON object of desired keys, `null`
+/// removing a key (pub for the fuzz target, as [`parse_events_query`]).
+pub fn parse_desired_patch(body: &[u8]) -> Result<BTreeMap<String, Option<Value>>, ApiError> {
     if body.len() > PATCH_BYTES_MAX {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -449,7 +525,7 @@ async fn set_desired(
         });
     }
     let patch: Json_ =
-        serde_json::from_slice(&body).map_err(|error| ApiError::bad_request(format!("body is not JSON: {error}")))?;
+        serde_json::from_slice(body).map_err(|error| ApiError::bad_request(format!("body is not JSON: {error}")))?;
     let Json_::Object(object) = patch else {
         return Err(ApiError::bad_request("body must be a JSON object of desired keys (null removes a key)"));
     };
@@ -467,13 +543,7 @@ async fn set_desired(
         };
         entries.insert(key, value);
     }
-    state
-        .control
-        .set_desired(device, entries)
-        .await
-        .map_err(|message| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, message })?;
-    let row = state.read(move |reader| Ok(reader.shadow(&device)?)).await?;
-    Ok(Json(json!({ "device": device.as_str(), "shadow": row.map(|row| row.view) })))
+    Ok(entries)
 }
 
 async fn projections(State(state): State<Arc<AppState>>) -> Result<Json<Json_>, ApiError> {
@@ -494,13 +564,21 @@ async fn alerts(
     State(state): State<Arc<AppState>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Json_>, ApiError> {
-    let limit = limit(&query)?;
-    let prefix = match query.get("device") {
-        Some(device) => format!("alert|{}|", device_of(device)?),
+    let (device, limit) = parse_alerts_query(&query)?;
+    let prefix = match device {
+        Some(device) => format!("alert|{device}|"),
         None => "alert|".to_string(),
     };
     let rows = state.read(move |reader| Ok(reader.rows(builtin::ALERTS, &prefix, limit)?)).await?;
     Ok(Json(json!({ "alerts": rows.into_iter().map(|(_, row)| row).collect::<Vec<_>>() })))
+}
+
+/// Parses the query of `GET /api/alerts`: an optional device and the limit (pub for the fuzz
+/// target, as [`parse_events_query`]).
+pub fn parse_alerts_query(query: &HashMap<String, String>) -> Result<(Option<DeviceId>, usize), ApiError> {
+    let limit = limit(query)?;
+    let device = query.get("device").map(|device| device_of(device)).transpose()?;
+    Ok((device, limit))
 }
 
 /// Binds `addr` and serves the API in a task until `stop` turns true; returns the bound address.
