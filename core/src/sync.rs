@@ -282,6 +282,10 @@ struct Common {
     last_sent: Millis,
     closed: bool,
     shadows: BTreeMap<DeviceId, ShadowPeer>,
+    /// Shadows that may have something to say, in the order they became so; each is in here
+    /// once, exactly when its `dirty` flag is set. A queue, so draining k of them is O(k) and a
+    /// session that once synced the whole fleet does not walk it on every poll.
+    dirty_queue: std::collections::VecDeque<DeviceId>,
 }
 
 #[derive(Debug, Default)]
@@ -301,6 +305,7 @@ impl Common {
             last_sent: now,
             closed: false,
             shadows: BTreeMap::new(),
+            dirty_queue: Default::default(),
         }
     }
 
@@ -333,7 +338,11 @@ impl Common {
     }
 
     fn mark_shadow_dirty(&mut self, device: DeviceId) {
-        self.shadows.entry(device).or_default().dirty = true;
+        let peer = self.shadows.entry(device).or_default();
+        if !peer.dirty {
+            peer.dirty = true;
+            self.dirty_queue.push_back(device);
+        }
     }
 
     /// Applies a peer's shadow sync message to the store's shadow.
@@ -349,7 +358,7 @@ impl Common {
         let changed = shadow
             .receive_sync_message(&mut peer.sync, &sync.message)
             .map_err(|source| SessionError::Shadow { device, source: Box::new(source) })?;
-        peer.dirty = true;
+        self.mark_shadow_dirty(device);
         if changed {
             self.emit(SessionEvent::ShadowChanged { device });
         }
@@ -358,9 +367,7 @@ impl Common {
 
     /// The next shadow sync message for a dirty shadow, if any.
     fn next_shadow_frame<S: Store + ?Sized>(&mut self, store: &mut S) -> Option<Frame> {
-        let dirty: Vec<DeviceId> =
-            self.shadows.iter().filter(|(_, peer)| peer.dirty).map(|(device, _)| *device).collect();
-        for device in dirty {
+        while let Some(device) = self.dirty_queue.pop_front() {
             let Some(peer) = self.shadows.get_mut(&device) else {
                 continue;
             };
@@ -370,8 +377,9 @@ impl Common {
             };
             if let Some(message) = shadow.generate_sync_message(&mut peer.sync) {
                 // The sync protocol may have more to say after this message; stay dirty until it
-                // returns nothing.
+                // returns nothing (at the back, so other shadows take turns).
                 peer.dirty = true;
+                self.dirty_queue.push_back(device);
                 return Some(Frame::ShadowSync(ShadowSync { device, message }));
             }
         }

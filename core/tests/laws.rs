@@ -11,6 +11,17 @@ use tidesync_core::wire::{DecodeError, EventBatch, Frame, FrameDecoder, FRAME_BY
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
+    /// Senders check the frame limit with the cheap bound and encode only when it cannot decide:
+    /// the bound must never be below the real size.
+    #[test]
+    fn a_batch_never_encodes_larger_than_its_bound(batch in arb_batch()) {
+        let len = batch.encoded_len();
+        let mut bytes = Vec::new();
+        batch.encode(&mut bytes);
+        prop_assert_eq!(len, bytes.len());
+        prop_assert!(batch.encoded_len_bound() >= len, "bound {} < {}", batch.encoded_len_bound(), len);
+    }
+
     #[test]
     fn vv_join_is_commutative(a in arb_vv(), b in arb_vv()) {
         prop_assert_eq!(a.join(&b), b.join(&a));

@@ -164,6 +164,7 @@ fn proofs_survive_the_wire() {
     let mut full = Vec::new();
     batch.encode(&mut full);
     assert_eq!(&full[..plain.len()], &plain[..]);
+    assert!(batch.encoded_len_bound() >= full.len());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `Uplink`: the client end of a session, sending a ledger's events upstream.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 
 use super::{CloseReason, Common, SessionConfig, SessionError, SessionEvent, Store};
 use crate::auth::DeviceSigner;
@@ -21,6 +22,10 @@ pub struct Uplink {
     streams: BTreeMap<DeviceId, OutStream>,
     /// Device served last, so batches of many devices take turns.
     last_served: Option<DeviceId>,
+    /// Streams that may have something to send: added when events are appended, acknowledged,
+    /// resent or refused, removed when a look finds nothing to send. `next_batch` visits only
+    /// these, so a gateway with thousands of quiet devices does not walk them all per frame.
+    ready: BTreeSet<DeviceId>,
     last_progress: Millis,
     stall_reported: bool,
     backlog_events: u64,
@@ -89,6 +94,7 @@ impl Uplink {
             state: State::Start,
             streams: BTreeMap::new(),
             last_served: None,
+            ready: BTreeSet::new(),
             last_progress: now,
             stall_reported: false,
             backlog_events: 0,
@@ -138,6 +144,7 @@ impl Uplink {
             if stream.next == Seq::ZERO {
                 stream.next = stream.acked.next();
             }
+            self.ready.insert(device);
         }
     }
 
@@ -228,6 +235,7 @@ impl Uplink {
         for (device, high) in self.hello_vv(store).iter() {
             let acked = welcome.vv.get(device);
             self.streams.insert(*device, OutStream { acked, next: acked.next(), ..OutStream::default() });
+            self.ready.insert(*device);
             // The cloud's welcome says what its store holds: events this gateway forwarded
             // earlier, or that reached the cloud through another gateway, are committed, and the
             // spool may drop them now rather than keep them forever.
@@ -256,23 +264,33 @@ impl Uplink {
 
     fn on_ack(&mut self, now: Millis, ack: Ack) -> Result<(), SessionError> {
         let stream = self.stream_for(&ack.device)?;
-        if ack.up_to > stream.acked {
-            stream.acked = ack.up_to;
-            stream.in_flight.retain(|(last, _)| *last > ack.up_to);
-            stream.next = stream.next.max(ack.up_to.next());
-            stream.resends = 0;
-            self.last_progress = now;
-            self.stall_reported = false;
+        if ack.up_to <= stream.acked {
+            return Ok(());
         }
+        let before = contribution(stream);
+        stream.acked = ack.up_to;
+        stream.in_flight.retain(|(last, _)| *last > ack.up_to);
+        stream.next = stream.next.max(ack.up_to.next());
+        stream.resends = 0;
+        let after = contribution(stream);
+        self.backlog_events = self.backlog_events.saturating_sub(before) + after;
+        self.last_progress = now;
+        self.stall_reported = false;
+        self.ready.insert(ack.device);
         Ok(())
     }
 
     fn on_backpressure(&mut self, now: Millis, backpressure: Backpressure) -> Result<(), SessionError> {
         let stream = self.stream_for(&backpressure.device)?;
+        let before = contribution(stream);
         stream.acked = stream.acked.max(backpressure.up_to);
         stream.next = stream.acked.next();
         stream.in_flight.clear();
         stream.paused_until = Some(now.plus_ms(u64::from(backpressure.retry_after_ms)));
+        let after = contribution(stream);
+        self.backlog_events = self.backlog_events.saturating_sub(before) + after;
+        // Stays ready, so it sends again when the pause is over.
+        self.ready.insert(backpressure.device);
         #[cfg(feature = "std")]
         tracing::debug!(device = %backpressure.device, reason = ?backpressure.reason, "server applies backpressure");
         self.common.emit(SessionEvent::Throttled {
@@ -327,38 +345,45 @@ impl Uplink {
 
     fn next_batch<S: Store + ?Sized>(&mut self, now: Millis, store: &mut S) -> Result<Option<Frame>, SessionError> {
         if let Peer::Device(own) = self.me {
+            // A device's ledger grows without `handle_appended`: look at it on every poll.
             self.streams.entry(own).or_default();
+            self.ready.insert(own);
         }
-        let mut backlog_events = 0;
-        for (device, stream) in &mut self.streams {
-            stream.known_high = store.high(device);
-            backlog_events += stream.known_high.0.saturating_sub(stream.acked.0);
-        }
-        self.backlog_events = backlog_events;
-
-        // Serve devices in turn, starting after the one served last.
-        let devices: Vec<DeviceId> = match self.last_served {
-            Some(last) => {
-                let after = self.streams.range(last..).skip(1).map(|(device, _)| *device);
-                after.chain(self.streams.range(..=last).map(|(device, _)| *device)).collect()
-            }
-            None => self.streams.keys().copied().collect(),
-        };
+        // Serve ready devices in turn, starting after the one served last.
+        let mut cursor = self.last_served;
+        let mut n_left = self.ready.len();
         let config = &self.common.config;
-        for device in devices {
+        while n_left > 0 {
+            n_left -= 1;
+            let after = match cursor {
+                Some(last) => self.ready.range((Bound::Excluded(last), Bound::Unbounded)).next(),
+                None => None,
+            };
+            let Some(device) = after.or_else(|| self.ready.iter().next()).copied() else {
+                break;
+            };
+            cursor = Some(device);
             let Some(stream) = self.streams.get_mut(&device) else {
+                self.ready.remove(&device);
                 continue;
             };
+            let before = contribution(stream);
+            stream.known_high = store.high(&device);
+            self.backlog_events = self.backlog_events.saturating_sub(before) + contribution(stream);
             if stream.paused_until.is_some_and(|until| now < until) {
+                // Stays ready: it sends again when the pause is over.
                 continue;
             }
             stream.paused_until = None;
             if stream.in_flight.len() >= config.batches_in_flight_max || stream.next > stream.known_high {
+                // Ready again on an ack, a retransmit or an append.
+                self.ready.remove(&device);
                 continue;
             }
             let Some(mut batch) = store.read(&device, stream.next, config.batch_events_max)? else {
                 // Covered but not held (pruned after commit): nothing to send for now.
                 stream.next = stream.known_high.next();
+                self.ready.remove(&device);
                 continue;
             };
             // A relay forwards whole sealed runs: a cut elsewhere could not be verified.
@@ -373,7 +398,10 @@ impl Uplink {
                 }
             }
             // Keep the frame under the size limit: large payloads mean fewer events per batch.
-            while batch.events.len() > 1 && Frame::Events(batch.clone()).encoded_len() > FRAME_BYTES_MAX {
+            let fits = |batch: &crate::wire::EventBatch| {
+                batch.encoded_len_bound() < FRAME_BYTES_MAX || batch.encoded_len() < FRAME_BYTES_MAX
+            };
+            while batch.events.len() > 1 && !fits(&batch) {
                 let keep = batch.events.len() / 2;
                 if !batch.truncate_sealed(keep) {
                     break;
@@ -432,6 +460,7 @@ impl Uplink {
             // Go back to the first unacknowledged seq and send everything again.
             stream.in_flight.clear();
             stream.next = stream.acked.next();
+            self.ready.insert(*device);
             if stream.resend_from == stream.next {
                 stream.resends += 1;
             } else {
@@ -477,4 +506,10 @@ impl Uplink {
         }
         Some(deadline)
     }
+}
+
+/// What a stream adds to the backlog: events the ledger holds that the receiver has not
+/// acknowledged, as last seen.
+fn contribution(stream: &OutStream) -> u64 {
+    stream.known_high.0.saturating_sub(stream.acked.0)
 }

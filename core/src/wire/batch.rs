@@ -254,6 +254,39 @@ impl EventBatch {
         true
     }
 
+    /// Bytes of [`EventBatch::encode`]'s output, exactly (encodes into a scratch buffer).
+    pub fn encoded_len(&self) -> usize {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out.len()
+    }
+
+    /// An upper bound of [`EventBatch::encoded_len`] that costs no encoding: a sender checks
+    /// the frame limit with it and encodes only when the bound is too large to decide.
+    pub fn encoded_len_bound(&self) -> usize {
+        // Name, from, first - from, counts: a name is at most 64 bytes, varints at most 10.
+        let header = 1 + crate::event::NAME_BYTES_MAX + 4 * 10;
+        let rows: usize = self
+            .events
+            .iter()
+            .map(|event| {
+                // Clock deltas and the code, then the payload.
+                let clock = 10 + 5 + 10 + 1;
+                clock
+                    + match &event.payload {
+                        // Pair index, value, and the pair's dictionary entry counted every time.
+                        Payload::Reading(reading) => 10 + 10 + 2 + reading.sensor.len() + reading.unit.len(),
+                        // Kind, version and length varints; recorded bodies are at most this big.
+                        _ => 3 + 3 + 5 + crate::event::PAYLOAD_BYTES_MAX,
+                    }
+            })
+            .sum();
+        let proof = self.proof.as_ref().map_or(0, |proof| {
+            1 + CHAIN_BYTES + 10 + proof.seals.len() * (10 + SIGNATURE_BYTES) + 1 + 20 + CHAIN_BYTES + SIGNATURE_BYTES
+        });
+        header + rows + proof
+    }
+
     /// Appends the compact encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         put_str(out, self.device.as_str());
