@@ -9,6 +9,10 @@
 # with `cargo +nightly fuzz tmin <target> <file>` and commit it as a regression test of the crate
 # that owns the decoder. Needs the nightly toolchain and cargo-fuzz. Exit status: 1 if any target
 # found something. Logs: $FUZZ_LOG_DIR (default target/fuzz-logs).
+#
+# The targets are built from a snapshot of HEAD (git archive), so uncommitted edits in a shared
+# working tree neither break the build halfway through nor blur which commit was fuzzed; corpora
+# and artifacts stay in the working tree. FUZZ_WORKTREE=1 fuzzes the working tree as it is.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,7 +38,20 @@ is_wanted() {
 }
 
 # The commit the run builds (a working tree with uncommitted changes is marked "+dirty").
-commit="$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- . 2>/dev/null || echo +dirty)"
+commit="$(git -C "$root" rev-parse --short HEAD)"
+if [[ "${FUZZ_WORKTREE:-0}" == 1 ]]; then
+  src="$root"
+  git -C "$root" diff --quiet HEAD -- . 2>/dev/null || commit="$commit+dirty"
+else
+  src="$(mktemp -d "${TMPDIR:-/tmp}/tidesync-fuzz.XXXXXX")"
+  trap 'rm -rf "$src"' EXIT
+  git -C "$root" archive HEAD | tar -x -C "$src"
+  for crate in "${crate_order[@]}"; do
+    mkdir -p "$root/$crate/corpus" "$root/$crate/artifacts"
+    ln -s "$root/$crate/corpus" "$src/$crate/corpus"
+    ln -s "$root/$crate/artifacts" "$src/$crate/artifacts"
+  done
+fi
 started="$(date -u +%F)"
 summary=()
 found=0
@@ -44,7 +61,7 @@ for crate in "${crate_order[@]}"; do
     is_wanted "$target" && targets+=("$target")
   done
   [[ ${#targets[@]} -eq 0 ]] && continue
-  cd "$root/$crate"
+  cd "$src/$crate"
   echo "== building $crate" >&2
   nice -n 10 cargo +nightly fuzz build -O --target-dir "$CARGO_TARGET_DIR" >&2
   nice -n 10 cargo +nightly run -q --example seeds -- corpus >&2
@@ -58,7 +75,7 @@ for crate in "${crate_order[@]}"; do
     nice -n 10 cargo +nightly fuzz run "$target" -O --target-dir "$CARGO_TARGET_DIR" "corpus/$target" -- \
       -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1 || status=$?
     elapsed=$(( $(date +%s) - start ))
-    stat() { grep -m1 "^stat::$1:" "$log" | awk '{print $2}'; }
+    stat() { grep -m1 "^stat::$1:" "$log" | awk '{print $2}' || true; }
     execs="$(stat number_of_executed_units)"
     rate="$(stat average_exec_per_sec)"
     rss="$(stat peak_rss_mb)"
