@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use tidesync_core::auth::{ChainHash, EncodedEvent};
+use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Event, EventId, EventKind, Hlc, Millis, Payload, Seq};
 use tidesync_core::ledger::{Appended, Ledger, LedgerError};
 use tidesync_core::shadow::{Shadow, ShadowError, ShadowLimits};
@@ -487,23 +487,27 @@ impl Spool {
         let mut rows =
             statement.query(params![device.as_str(), to_i64(anchor.first.0), to_i64(up_to.0)]).map_err(storage)?;
         let (mut chain, mut expected) = (anchor.prev, anchor.first);
+        let mut scratch = Vec::new();
         while let Some(row) = rows.next().map_err(storage)? {
             let seq = Seq(row.get::<_, i64>(0).map_err(storage)? as u64);
             if seq != expected {
                 return Ok(None);
             }
             let body = row.get_ref(6).map_err(storage)?.as_blob().map_err(|error| storage(error.into()))?;
-            chain = chain.next_encoded(&EncodedEvent {
+            let (kind, schema_version) =
+                (EventKind::from_tag(row.get(4).map_err(storage)?), row.get(5).map_err(storage)?);
+            let payload = Payload::decode_body(kind, schema_version, body)
+                .map_err(|error| LedgerError::Storage(Box::new(error)))?;
+            let event = Event {
                 id: EventId { device: *device, seq },
                 hlc: Hlc {
                     wall_ms: row.get::<_, i64>(1).map_err(storage)? as u64,
                     logical: row.get(2).map_err(storage)?,
                 },
                 event_time: Millis(row.get::<_, i64>(3).map_err(storage)? as u64),
-                kind: EventKind::from_tag(row.get(4).map_err(storage)?),
-                schema_version: row.get(5).map_err(storage)?,
-                body,
-            });
+                payload,
+            };
+            chain = chain.next_with(&event, &mut scratch);
             expected = seq.next();
         }
         Ok((expected == up_to.next()).then_some(chain))
