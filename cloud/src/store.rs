@@ -14,6 +14,10 @@
 //!
 //! Invariant: a stream's `high` and holes are written in the same transaction as its events; a
 //! shadow's document and its JSON view in the same transaction as each other.
+//!
+//! Invariant: a stream's chain head (`tidesync_core::auth`) is written in the same transaction as
+//! the events that move it, tagged with the `high` it belongs to; a head whose tag is not the
+//! stream's `high` is unknown, never wrong.
 
 pub mod postgres;
 pub mod sqlite;
@@ -23,6 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Event, EventId, EventKind, GatewayId, Hlc, Millis, Payload, Seq};
 use tidesync_core::ledger::{Appended, Ledger, LedgerError};
 use tidesync_core::shadow::{Shadow, ShadowError, ShadowLimits};
@@ -97,6 +102,33 @@ pub struct DeadLetter {
     pub id: EventId,
     /// Why it could not be applied.
     pub reason: String,
+}
+
+/// A security event: a batch the cloud refused because it failed verification (see
+/// `tidesync_core::auth`). Identical repeats (a gateway offering the same refused batch again
+/// after `refused_retry_ms`) raise `count` and `last_ms` of one row instead of adding rows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SecurityEvent {
+    /// Row id, ascending in the order first recorded (the page cursor); 0 before it is stored.
+    pub id: u64,
+    /// When it was first seen (cloud wall clock).
+    pub first_ms: Millis,
+    /// When it was last seen.
+    pub last_ms: Millis,
+    /// The gateway that relayed the batch.
+    pub gateway: GatewayId,
+    /// The device the batch claims to be from.
+    pub device: DeviceId,
+    /// `Violation::kind()`: a short stable name.
+    pub kind: String,
+    /// The violation, as text.
+    pub detail: String,
+    /// First seq the batch covered.
+    pub from_seq: Seq,
+    /// Last seq of the batch.
+    pub last_seq: Seq,
+    /// How many times it was seen.
+    pub count: u64,
 }
 
 /// A page cursor for reads by event time: the last `(event_time, seq)` returned.
@@ -201,6 +233,13 @@ pub trait EventReader: Send {
 
     /// Dead letters (of one projection, or all), newest first, at most `limit`, and their count.
     fn dead_letters(&mut self, projection: Option<&str>, limit: usize) -> Result<(Vec<DeadLetter>, u64), StoreError>;
+
+    /// Every device's stored chain head: the hash-chain value at the seq stored with it.
+    fn chain_heads(&mut self) -> Result<BTreeMap<DeviceId, (Seq, ChainHash)>, StoreError>;
+
+    /// Security events newest first (those with `id < before` when given), at most `limit`, and
+    /// how many there are in all.
+    fn security_events(&mut self, before: Option<u64>, limit: usize) -> Result<(Vec<SecurityEvent>, u64), StoreError>;
 }
 
 /// Writes to the store, in one open transaction at a time: [`EventWriter::begin`] opens it (a
@@ -240,6 +279,13 @@ pub trait EventWriter: EventReader {
 
     /// Records a dead letter in the open transaction.
     fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), StoreError>;
+
+    /// Writes `device`'s chain head (the chain value after `high`) into the open transaction.
+    fn write_chain_head(&mut self, device: &DeviceId, high: Seq, chain: &ChainHash) -> Result<(), StoreError>;
+
+    /// Records a security event in the open transaction: an identical one (same gateway, device,
+    /// kind, detail and seqs) gets its count raised by `event.count` and its `last_ms` set.
+    fn record_security_event(&mut self, event: &SecurityEvent) -> Result<(), StoreError>;
 }
 
 /// Which backend, and where.
@@ -358,6 +404,9 @@ pub struct CloudStore {
     head_watch: Arc<HeadWatch>,
     /// Metadata for appends made through the `Ledger` trait.
     default_meta: IngestMeta,
+    /// Per device, the hash-chain value after the seq beside it. Valid only while that seq is the
+    /// stream's `high`, so an entry left ahead by a rolled-back group reads as unknown.
+    chain_heads: BTreeMap<DeviceId, (Seq, ChainHash)>,
 }
 
 impl std::fmt::Debug for CloudStore {
@@ -387,6 +436,7 @@ impl CloudStore {
                 .map_err(|source| StoreError::Shadow { device: row.device, source: Box::new(source) })?;
             shadows.insert(row.device, shadow);
         }
+        let chain_heads = writer.chain_heads()?;
         let head = writer.head()?;
         let fallback = GatewayId::new("unknown").map_err(|error| StoreError::corrupt("gateway name", error))?;
         Ok(Self {
@@ -399,6 +449,7 @@ impl CloudStore {
             pending_head: head,
             head_watch: HeadWatch::new(head),
             default_meta: IngestMeta { gateway: fallback, ingest_time: Millis(0) },
+            chain_heads,
         })
     }
 
@@ -487,6 +538,7 @@ impl CloudStore {
         self.pending_head = head;
         let holes: Vec<(Seq, Seq)> = state.holes.iter().map(|(a, b)| (*a, *b)).collect();
         writer.write_stream(&batch.device, state.high, &holes).map_err(storage)?;
+        self.write_chain_head(batch, high_before).map_err(storage)?;
         self.streams.insert(batch.device, state.clone());
         Ok(Appended { high: state.high, n_new })
     }
@@ -531,6 +583,57 @@ impl CloudStore {
         }
     }
 
+    /// The chain value of `device` after `high`, if known: the genesis value before any event.
+    fn chain_at(&self, device: &DeviceId, high: Seq) -> Option<ChainHash> {
+        if high == Seq::ZERO {
+            return Some(ChainHash::genesis(device));
+        }
+        self.chain_heads.get(device).filter(|(at, _)| *at == high).map(|(_, chain)| *chain)
+    }
+
+    /// After `batch` extended `device`'s stream past `high_before`: the new chain head, written
+    /// into the open transaction with the events. It continues the head held when the batch
+    /// continues it; after a hole only the device's proof knows it (`prev`, which the verifying
+    /// ingest checked against the device's seals). Unknown if neither is there (an unsigned
+    /// batch after a hole, or a stream stored before chains were kept).
+    fn write_chain_head(&mut self, batch: &EventBatch, high_before: Seq) -> Result<(), StoreError> {
+        if batch.last_seq() <= high_before {
+            return Ok(());
+        }
+        let first = batch.first_seq();
+        let prev = batch.proof.as_ref().map(|proof| proof.prev);
+        let chain = if first > high_before.next() {
+            // Starts with a hole past what is held: `prev` is the chain value after the hole.
+            prev.map(|prev| prev.over(&batch.events))
+        } else {
+            // Events at or below `high_before` are held already; the chain continues after them.
+            let n_held = usize::try_from(high_before.0 + 1 - first.0).unwrap_or(usize::MAX);
+            let base = self
+                .chain_at(&batch.device, high_before)
+                .or_else(|| prev.map(|prev| prev.over(batch.events.iter().take(n_held))));
+            base.map(|base| base.over(batch.events.iter().skip(n_held)))
+        };
+        let high = batch.last_seq();
+        match chain {
+            Some(chain) => {
+                self.writer.get_mut().write_chain_head(&batch.device, high, &chain)?;
+                self.chain_heads.insert(batch.device, (high, chain));
+            }
+            None => {
+                // A stored row stays behind `high` and so reads as unknown.
+                self.chain_heads.remove(&batch.device);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a security event in the open transaction (opening one); the next
+    /// [`CloudStore::commit`] makes it durable.
+    pub fn record_security_event(&mut self, event: &SecurityEvent) -> Result<(), StoreError> {
+        self.begin()?;
+        self.writer.get_mut().record_security_event(event)
+    }
+
     /// Per device: (high, holes).
     pub fn stream_highs(&self) -> Vec<(DeviceId, Seq, usize)> {
         self.streams.iter().map(|(device, state)| (*device, state.high, state.holes.len())).collect()
@@ -572,6 +675,10 @@ impl Ledger for CloudStore {
     fn mark_committed(&mut self, _device: DeviceId, _up_to: Seq) -> Result<(), LedgerError> {
         // The cloud store is where commits come from; it keeps every event.
         Ok(())
+    }
+
+    fn chain_head(&self, device: &DeviceId) -> Option<ChainHash> {
+        self.chain_at(device, self.high(device))
     }
 }
 

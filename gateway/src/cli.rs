@@ -155,6 +155,8 @@ fn status(config_path: &Path) -> anyhow::Result<()> {
                 ("cloud connected", "tidesync_gateway_upstream_connected"),
                 ("events in", "tidesync_gateway_events_in_total"),
                 ("events out", "tidesync_gateway_events_out_total"),
+                ("batches throttled (device over its rate)", "tidesync_gateway_throttled_batches_total"),
+                ("events throttled (kept by their devices)", "tidesync_gateway_throttled_events_total"),
                 ("auth failures", "tidesync_gateway_auth_failures_total"),
             ] {
                 println!("{label}: {}", metrics::sample(&page, name).unwrap_or(f64::NAN));

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tidesync_core::event::GatewayId;
 use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::net::tls::Credentials;
+use tidesync_core::rate::RateLimit;
 use tidesync_core::sync::SessionConfig;
 
 /// Default spool budget: 256 MiB of held events.
@@ -93,6 +94,11 @@ pub struct Limits {
     pub full_retry_after_ms: u32,
     /// Most messages handled per group commit.
     pub group_messages_max: usize,
+    /// Each device's sustained event rate, events per second; 0 means unlimited. A device over
+    /// its rate is told to wait (backpressure) and keeps its events; nothing is dropped.
+    pub device_events_per_s: u32,
+    /// Events a device may send at once after a quiet period (its token bucket's size).
+    pub device_burst_events: u32,
 }
 
 impl Default for Limits {
@@ -106,6 +112,8 @@ impl Default for Limits {
             session_idle_timeout_ms: 45_000,
             full_retry_after_ms: 2_000,
             group_messages_max: 4_096,
+            device_events_per_s: RateLimit::DEVICE_DEFAULT.events_per_s,
+            device_burst_events: RateLimit::DEVICE_DEFAULT.burst_events,
         }
     }
 }
@@ -119,6 +127,11 @@ impl Limits {
             connections_max: self.connections_max,
             ..TransportLimits::default()
         }
+    }
+
+    /// The per-device rate limit.
+    pub fn device_rate(&self) -> RateLimit {
+        RateLimit { events_per_s: self.device_events_per_s, burst_events: self.device_burst_events }
     }
 
     /// The session configuration.

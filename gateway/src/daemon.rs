@@ -8,6 +8,11 @@
 //! only then tells the sessions which events are durable (`handle_durable`), so a custody ack is
 //! never sent for an event a crash could lose. The loop makes no protocol decision itself: every
 //! `if` about the protocol is in `tidesync_core::sync`.
+//!
+//! Rate limits: each device has a `tidesync_core::rate::TokenBucket` (configured in `[limits]`),
+//! kept across its connections. A batch from a device over its rate is not appended: the device's
+//! session answers it with backpressure (`RateLimited`, with how long to wait) and the device
+//! keeps the events and sends them again after the wait, so nothing is lost.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -21,8 +26,9 @@ use tidesync_core::net::pki::{self, Identity};
 use tidesync_core::net::quic::{
     Client, CloseCode, FrameReceiver, FrameSender, Link, NetError, Pending, Server, TransportLimits,
 };
+use tidesync_core::rate::TokenBucket;
 use tidesync_core::sync::{CloseReason, Ingest, SessionConfig, SessionEvent, Uplink};
-use tidesync_core::wire::{BackpressureReason, ErrorFrame, Frame, GoodbyeReason};
+use tidesync_core::wire::{BackpressureReason, ErrorFrame, EventBatch, Frame, GoodbyeReason};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, Limits};
@@ -97,6 +103,9 @@ enum Inbox {
 }
 
 /// What the core loop asks a connection task to do.
+// Nearly every message is a frame: boxing it would cost an allocation per frame to save
+// bytes only on the rare close.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Out {
     Frame(Frame),
@@ -132,6 +141,9 @@ struct Core {
     pending_durable: Vec<(u64, DeviceId, Seq, Instant)>,
     /// Per device, (high, when spooled), for the commit latency.
     spooled_at: BTreeMap<DeviceId, VecDeque<(Seq, Instant)>>,
+    /// Per device, its rate limit's state. One entry per device that ever sent events: bounded by
+    /// the fleet, whose certificates name the devices.
+    buckets: BTreeMap<DeviceId, TokenBucket>,
     shutting_down: bool,
 }
 
@@ -247,6 +259,9 @@ impl Core {
                 }
             }
             SessionEvent::EventsReceived(batch) => {
+                if !self.admit(now, conn, &batch) {
+                    return;
+                }
                 let received =
                     self.devices.get(&conn).and_then(|device_conn| device_conn.received).unwrap_or_else(Instant::now);
                 match self.spool.append(&batch) {
@@ -302,6 +317,26 @@ impl Core {
             }
             other => tracing::debug!(%device, ?other, "device session event"),
         }
+    }
+
+    /// Takes the batch's events from the device's token bucket; if the device is over its rate,
+    /// tells it to wait (it keeps the events) and returns `false`.
+    fn admit(&mut self, now: Millis, conn: u64, batch: &EventBatch) -> bool {
+        let rate = self.limits.device_rate();
+        if rate.is_unlimited() {
+            return true;
+        }
+        let n_events = batch.events.len() as u64;
+        let bucket = self.buckets.entry(batch.device).or_insert_with(|| TokenBucket::new(rate, now));
+        let Err(retry_after_ms) = bucket.take(now, n_events) else { return true };
+        self.metrics.throttled_batches_total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.throttled_events_total.fetch_add(n_events, Ordering::Relaxed);
+        tracing::debug!(device = %batch.device, n_events, retry_after_ms, "device over its rate limit: backpressure");
+        if let Some(device_conn) = self.devices.get_mut(&conn) {
+            device_conn.ingest.handle_refused(now, batch.device, BackpressureReason::RateLimited, retry_after_ms);
+            device_conn.received = None;
+        }
+        false
     }
 
     fn log_closed(&self, side: &str, device: Option<DeviceId>, reason: &CloseReason) {
@@ -609,6 +644,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         cloud: None,
         pending_durable: Vec::new(),
         spooled_at: BTreeMap::new(),
+        buckets: BTreeMap::new(),
         shutting_down: false,
     };
     let core = std::thread::Builder::new()

@@ -68,6 +68,11 @@ pub struct Metrics {
     pub group_commits_total: AtomicU64,
     /// Batches refused because the spool was full.
     pub custody_refused_total: AtomicU64,
+    /// Device batches refused because the device was over its rate limit (it keeps them and
+    /// sends them again after the wait it was told).
+    pub throttled_batches_total: AtomicU64,
+    /// Events in those batches.
+    pub throttled_events_total: AtomicU64,
     /// Frames naming another device, identity mismatches.
     pub auth_failures_total: AtomicU64,
     /// TLS handshakes that failed (bad, expired, revoked certificates among them).
@@ -84,7 +89,7 @@ impl Metrics {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let gauges: [(&str, &str, &AtomicU64, &str); 12] = [
+        let gauges: [(&str, &str, &AtomicU64, &str); 14] = [
             ("tidesync_gateway_connected_devices", "Devices connected now.", &self.connected_devices, "gauge"),
             (
                 "tidesync_gateway_upstream_connected",
@@ -102,6 +107,18 @@ impl Metrics {
                 "tidesync_gateway_custody_refused_total",
                 "Batches refused: spool full.",
                 &self.custody_refused_total,
+                "counter",
+            ),
+            (
+                "tidesync_gateway_throttled_batches_total",
+                "Device batches refused: over the device's rate limit (kept by the device).",
+                &self.throttled_batches_total,
+                "counter",
+            ),
+            (
+                "tidesync_gateway_throttled_events_total",
+                "Events in device batches refused over the rate limit (kept by the device).",
+                &self.throttled_events_total,
                 "counter",
             ),
             (

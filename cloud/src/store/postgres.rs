@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use postgres::{Client, NoTls};
+use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Event, EventId, Millis, Seq};
 
 use super::sqlite::{holes_json, shadow_row, stream_info};
@@ -62,6 +63,24 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     seq        BIGINT NOT NULL,
     reason     TEXT   NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chain_heads (
+    device TEXT PRIMARY KEY,
+    high   BIGINT NOT NULL,
+    chain  BYTEA  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS security_events (
+    id       BIGSERIAL PRIMARY KEY,
+    first_ms BIGINT NOT NULL,
+    last_ms  BIGINT NOT NULL,
+    gateway  TEXT   NOT NULL,
+    device   TEXT   NOT NULL,
+    kind     TEXT   NOT NULL,
+    detail   TEXT   NOT NULL,
+    from_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    count    BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS security_events_by_batch ON security_events (device, gateway, from_seq, last_seq);
 "#;
 
 const EVENT_COLUMNS: &str =
@@ -266,6 +285,48 @@ impl EventReader for PostgresStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok((letters, to_u64(count)))
     }
+
+    fn chain_heads(&mut self) -> Result<BTreeMap<DeviceId, (Seq, ChainHash)>, StoreError> {
+        let rows = self.client.query("SELECT device, high, chain FROM chain_heads", &[])?;
+        rows.iter()
+            .map(|row| {
+                super::sqlite::chain_head(row.try_get::<_, &str>(0)?, row.try_get(1)?, row.try_get::<_, &[u8]>(2)?)
+            })
+            .collect()
+    }
+
+    fn security_events(
+        &mut self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<super::SecurityEvent>, u64), StoreError> {
+        let count: i64 = self.client.query_one("SELECT COUNT(*) FROM security_events", &[])?.try_get(0)?;
+        let before = before.map_or(i64::MAX, to_i64);
+        let rows = self.client.query(
+            "SELECT id, first_ms, last_ms, gateway, device, kind, detail, from_seq, last_seq, count
+             FROM security_events WHERE id < $1 ORDER BY id DESC LIMIT $2",
+            &[&before, &limit_of(limit)],
+        )?;
+        let events = rows
+            .iter()
+            .map(|row| {
+                super::sqlite::SecurityRow {
+                    id: row.try_get(0)?,
+                    first_ms: row.try_get(1)?,
+                    last_ms: row.try_get(2)?,
+                    gateway: row.try_get(3)?,
+                    device: row.try_get(4)?,
+                    kind: row.try_get(5)?,
+                    detail: row.try_get(6)?,
+                    from_seq: row.try_get(7)?,
+                    last_seq: row.try_get(8)?,
+                    count: row.try_get(9)?,
+                }
+                .into_event()
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((events, to_u64(count)))
+    }
 }
 
 impl EventWriter for PostgresStore {
@@ -445,6 +506,51 @@ impl EventWriter for PostgresStore {
                 &letter.reason,
             ],
         )?;
+        Ok(())
+    }
+    fn write_chain_head(&mut self, device: &DeviceId, high: Seq, chain: &ChainHash) -> Result<(), StoreError> {
+        self.begin()?;
+        self.client.execute(
+            "INSERT INTO chain_heads (device, high, chain) VALUES ($1, $2, $3)
+             ON CONFLICT (device) DO UPDATE SET high = excluded.high, chain = excluded.chain",
+            &[&device.as_str(), &to_i64(high.0), &&chain.0[..]],
+        )?;
+        Ok(())
+    }
+
+    fn record_security_event(&mut self, event: &super::SecurityEvent) -> Result<(), StoreError> {
+        self.begin()?;
+        let repeated = self.client.execute(
+            "UPDATE security_events SET count = count + $1, last_ms = GREATEST(last_ms, $2)
+             WHERE device = $3 AND gateway = $4 AND from_seq = $5 AND last_seq = $6 AND kind = $7 AND detail = $8",
+            &[
+                &to_i64(event.count),
+                &to_i64(event.last_ms.0),
+                &event.device.as_str(),
+                &event.gateway.as_str(),
+                &to_i64(event.from_seq.0),
+                &to_i64(event.last_seq.0),
+                &event.kind,
+                &event.detail,
+            ],
+        )?;
+        if repeated == 0 {
+            self.client.execute(
+                "INSERT INTO security_events (first_ms, last_ms, gateway, device, kind, detail, from_seq, last_seq, count)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &to_i64(event.first_ms.0),
+                    &to_i64(event.last_ms.0),
+                    &event.gateway.as_str(),
+                    &event.device.as_str(),
+                    &event.kind,
+                    &event.detail,
+                    &to_i64(event.from_seq.0),
+                    &to_i64(event.last_seq.0),
+                    &to_i64(event.count),
+                ],
+            )?;
+        }
         Ok(())
     }
 }

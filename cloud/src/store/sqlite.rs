@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Event, Millis, Seq};
 
 use super::{
@@ -60,6 +61,24 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     seq        INTEGER NOT NULL,
     reason     TEXT    NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS chain_heads (
+    device TEXT PRIMARY KEY NOT NULL,
+    high   INTEGER NOT NULL,
+    chain  BLOB    NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS security_events (
+    id       INTEGER PRIMARY KEY,
+    first_ms INTEGER NOT NULL,
+    last_ms  INTEGER NOT NULL,
+    gateway  TEXT    NOT NULL,
+    device   TEXT    NOT NULL,
+    kind     TEXT    NOT NULL,
+    detail   TEXT    NOT NULL,
+    from_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    count    INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS security_events_by_batch ON security_events (device, gateway, from_seq, last_seq);
 ";
 
 const EVENT_COLUMNS: &str =
@@ -285,6 +304,86 @@ impl EventReader for SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok((letters, to_u64(count)))
     }
+
+    fn chain_heads(&mut self) -> Result<BTreeMap<DeviceId, (Seq, ChainHash)>, StoreError> {
+        let mut statement = self.db.prepare_cached("SELECT device, high, chain FROM chain_heads")?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|(device, high, chain)| chain_head(&device, high, &chain)).collect()
+    }
+
+    fn security_events(
+        &mut self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<super::SecurityEvent>, u64), StoreError> {
+        let count: i64 = self.db.query_row("SELECT COUNT(*) FROM security_events", [], |row| row.get(0))?;
+        let before = before.map_or(i64::MAX, to_i64);
+        let mut statement = self.db.prepare_cached(
+            "SELECT id, first_ms, last_ms, gateway, device, kind, detail, from_seq, last_seq, count
+             FROM security_events WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = statement
+            .query_map(params![before, limit_of(limit)], |row| {
+                Ok(SecurityRow {
+                    id: row.get(0)?,
+                    first_ms: row.get(1)?,
+                    last_ms: row.get(2)?,
+                    gateway: row.get(3)?,
+                    device: row.get(4)?,
+                    kind: row.get(5)?,
+                    detail: row.get(6)?,
+                    from_seq: row.get(7)?,
+                    last_seq: row.get(8)?,
+                    count: row.get(9)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let events = rows.into_iter().map(SecurityRow::into_event).collect::<Result<Vec<_>, _>>()?;
+        Ok((events, to_u64(count)))
+    }
+}
+
+/// A stored chain head's columns, checked.
+pub(crate) fn chain_head(device: &str, high: i64, chain: &[u8]) -> Result<(DeviceId, (Seq, ChainHash)), StoreError> {
+    let chain: [u8; 32] = chain
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { what: "chain head", detail: format!("{} bytes, not 32", chain.len()) })?;
+    Ok((device_of(device)?, (Seq(to_u64(high)), ChainHash(chain))))
+}
+
+/// The columns of a stored security event, as both backends read them.
+pub(crate) struct SecurityRow {
+    pub(crate) id: i64,
+    pub(crate) first_ms: i64,
+    pub(crate) last_ms: i64,
+    pub(crate) gateway: String,
+    pub(crate) device: String,
+    pub(crate) kind: String,
+    pub(crate) detail: String,
+    pub(crate) from_seq: i64,
+    pub(crate) last_seq: i64,
+    pub(crate) count: i64,
+}
+
+impl SecurityRow {
+    pub(crate) fn into_event(self) -> Result<super::SecurityEvent, StoreError> {
+        let gateway = tidesync_core::event::GatewayId::new(&self.gateway)
+            .map_err(|error| StoreError::Corrupt { what: "gateway name", detail: error.to_string() })?;
+        Ok(super::SecurityEvent {
+            id: to_u64(self.id),
+            first_ms: Millis(to_u64(self.first_ms)),
+            last_ms: Millis(to_u64(self.last_ms)),
+            gateway,
+            device: device_of(&self.device)?,
+            kind: self.kind,
+            detail: self.detail,
+            from_seq: Seq(to_u64(self.from_seq)),
+            last_seq: Seq(to_u64(self.last_seq)),
+            count: to_u64(self.count),
+        })
+    }
 }
 
 /// Builds a [`StreamInfo`] from its stored columns. The cloud never prunes, so the events held
@@ -460,6 +559,56 @@ impl EventWriter for SqliteStore {
                 to_i64(letter.id.seq.0),
                 letter.reason
             ])?;
+        Ok(())
+    }
+    fn write_chain_head(&mut self, device: &DeviceId, high: Seq, chain: &ChainHash) -> Result<(), StoreError> {
+        self.begin()?;
+        self.db
+            .prepare_cached(
+                "INSERT INTO chain_heads (device, high, chain) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device) DO UPDATE SET high = excluded.high, chain = excluded.chain",
+            )?
+            .execute(params![device.as_str(), to_i64(high.0), &chain.0[..]])?;
+        Ok(())
+    }
+
+    fn record_security_event(&mut self, event: &super::SecurityEvent) -> Result<(), StoreError> {
+        self.begin()?;
+        let repeated = self
+            .db
+            .prepare_cached(
+                "UPDATE security_events SET count = count + ?1, last_ms = MAX(last_ms, ?2)
+                 WHERE device = ?3 AND gateway = ?4 AND from_seq = ?5 AND last_seq = ?6 AND kind = ?7 AND detail = ?8",
+            )?
+            .execute(params![
+                to_i64(event.count),
+                to_i64(event.last_ms.0),
+                event.device.as_str(),
+                event.gateway.as_str(),
+                to_i64(event.from_seq.0),
+                to_i64(event.last_seq.0),
+                event.kind,
+                event.detail,
+            ])?;
+        if repeated == 0 {
+            self.db
+                .prepare_cached(
+                    "INSERT INTO security_events
+                     (first_ms, last_ms, gateway, device, kind, detail, from_seq, last_seq, count)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    to_i64(event.first_ms.0),
+                    to_i64(event.last_ms.0),
+                    event.gateway.as_str(),
+                    event.device.as_str(),
+                    event.kind,
+                    event.detail,
+                    to_i64(event.from_seq.0),
+                    to_i64(event.last_seq.0),
+                    to_i64(event.count),
+                ])?;
+        }
         Ok(())
     }
 }
