@@ -49,5 +49,6 @@ pub fn run_world(world: &mut World, progress: impl FnMut(u64, u64)) -> Outcome {
         converge_ms: world.converge_ms(),
         plot: world.plot().to_vec(),
         failures,
+        security: world.security_report(),
     }
 }

@@ -86,7 +86,7 @@ struct FleetArgs {
     #[arg(long, default_value = "2d")]
     heal_max: String,
     /// Deliberately broken host behaviour, to see the checks catch it: skip-dedupe,
-    /// ack-before-fsync, send-unsynced.
+    /// ack-before-fsync, send-unsynced, skip-verify.
     #[arg(long)]
     bug: Vec<String>,
     /// Duplicate shadow sync frames too (core amplifies them without bound; see the report).
@@ -95,6 +95,10 @@ struct FleetArgs {
     /// Do not replace connections whose shadow sync spins (shows the core bug; see the report).
     #[arg(long)]
     no_spin_watchdog: bool,
+    /// An evil gateway that tampers with what it relays and, on some seeds, a cloned device
+    /// (drawn per seed and printed with the faults); the checks require every attack detected.
+    #[arg(long)]
+    adversaries: bool,
     /// Print the report only (no drawn faults, no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -116,12 +120,16 @@ impl FleetArgs {
                 "skip-dedupe" => bugs.skip_dedupe = true,
                 "ack-before-fsync" => bugs.ack_before_fsync = true,
                 "send-unsynced" => bugs.send_unsynced = true,
-                other => bail!("unknown bug {other:?}; known are skip-dedupe, ack-before-fsync, send-unsynced"),
+                "skip-verify" => bugs.skip_verify = true,
+                other => {
+                    bail!("unknown bug {other:?}; known are skip-dedupe, ack-before-fsync, send-unsynced, skip-verify")
+                }
             }
         }
         options.bugs = bugs;
         options.duplicate_shadow_sync = self.duplicate_shadow_sync;
         options.spin_watchdog = !self.no_spin_watchdog;
+        options.adversaries = self.adversaries;
         Ok(options)
     }
 }

@@ -189,6 +189,9 @@ pub struct Bugs {
     /// Devices send events before making them durable (they sync only on their group-commit
     /// timer), so a crash makes them issue the same seqs again for different events.
     pub send_unsynced: bool,
+    /// The cloud stores what gateways send without verifying the devices' signatures, so attacks
+    /// go through undetected.
+    pub skip_verify: bool,
 }
 
 impl Bugs {
@@ -203,6 +206,9 @@ impl Bugs {
         }
         if self.send_unsynced {
             names.push("send-unsynced");
+        }
+        if self.skip_verify {
+            names.push("skip-verify");
         }
         names
     }
@@ -231,6 +237,8 @@ pub struct SimOptions {
     pub duplicate_shadow_sync: bool,
     /// Replace a connection whose shadow sync spins (sync health; on by default, see the report).
     pub spin_watchdog: bool,
+    /// An evil gateway and possibly a cloned device (see [`crate::world::adversary`]).
+    pub adversaries: bool,
 }
 
 impl SimOptions {
@@ -247,6 +255,7 @@ impl SimOptions {
             bugs: Bugs::default(),
             duplicate_shadow_sync: false,
             spin_watchdog: true,
+            adversaries: false,
         }
     }
 
@@ -274,6 +283,9 @@ impl SimOptions {
         }
         if self.duplicate_shadow_sync {
             command.push_str(" --duplicate-shadow-sync");
+        }
+        if self.adversaries {
+            command.push_str(" --adversaries");
         }
         for bug in self.bugs.names() {
             command.push_str(&format!(" --bug {bug}"));
@@ -322,6 +334,8 @@ pub struct DrawnFaults {
     pub n_cloud_outages: usize,
     /// Device group-commit interval (writes between two syncs are lost in a crash).
     pub device_commit_ms: u64,
+    /// The adversaries, when enabled (drawn as the world is built).
+    pub adversaries: Option<crate::world::adversary::DrawnAdversaries>,
 }
 
 impl DrawnFaults {
@@ -357,6 +371,7 @@ impl DrawnFaults {
             storage_events_max: dice::range(rng, 8, 200) as usize,
             n_cloud_outages: pick(rng, FaultKind::CloudOutage, 0, 2 * days) as usize,
             device_commit_ms: dice::range(rng, 1, 10) * options.reading_interval_ms,
+            adversaries: None,
         }
     }
 }
@@ -385,7 +400,11 @@ impl fmt::Display for DrawnFaults {
             self.n_small_storage,
             self.storage_events_max,
             format_duration_ms(self.device_commit_ms)
-        )
+        )?;
+        if let Some(adversaries) = &self.adversaries {
+            write!(f, "\n{adversaries}")?;
+        }
+        Ok(())
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Outcome {
     pub plot: Vec<PlotPoint>,
     /// Failed checks; empty when the run passed.
     pub failures: Vec<CheckFailure>,
+    /// Signatures, attacks and the cloud's security events.
+    pub security: crate::world::adversary::SecurityReport,
 }
 
 impl Outcome {
@@ -101,6 +103,7 @@ impl fmt::Display for Outcome {
             None => "did NOT converge within the heal bound".to_string(),
         };
         writeln!(f, "time: {} simulated; {converge}", format_ms(self.simulated_ms))?;
+        writeln!(f, "{}", self.security)?;
         if self.passed() {
             write!(f, "checks: all passed")
         } else {

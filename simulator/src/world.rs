@@ -28,6 +28,8 @@ use crate::disk::{SimDisk, Synced};
 use crate::options::{DrawnFaults, SimOptions};
 use crate::projection::Projection;
 
+pub mod adversary;
+
 /// Virtual time at the start of every run: 2026-01-01T00:00:00Z.
 pub const START_WALL: Millis = Millis(1_767_225_600_000);
 /// A device whose wall clock is further than this from its gateway's adopts the gateway's time
@@ -388,6 +390,8 @@ pub struct World {
     shadow_rate: BTreeMap<u64, (Millis, u32)>,
     /// Connections found spinning, as (client endpoint, connection).
     spinning: Vec<(Endpoint, u64)>,
+    /// Device keys, adversaries and the cloud's security events (see [`adversary`]).
+    pub(crate) security: adversary::Security,
 }
 
 fn device_store(device: DeviceId) -> MemStore {
@@ -487,8 +491,10 @@ impl World {
             finished: false,
             shadow_rate: BTreeMap::new(),
             spinning: Vec::new(),
+            security: adversary::Security::default(),
         };
         world.schedule_start();
+        world.arm_security();
         world
     }
 
@@ -910,7 +916,8 @@ impl World {
                             node.disk.touch_shadow(shadow_device);
                             node.needs_sync = true;
                         }
-                        Some(session.session.handle_frame(now, frame, node.disk.live_mut()))
+                        let store = node.disk.live_mut();
+                        Some(self.security.deliver_to_cloud(now, gateway, conn, frame, &mut session.session, store))
                     }
                     None => None,
                 }
@@ -1348,6 +1355,9 @@ impl World {
                     node.needs_sync = true;
                     shadow_relays.push(id);
                 }
+                SessionEvent::Violation { device, gateway: named, violation } => {
+                    self.security.seen(now, gateway, named, device, violation);
+                }
                 SessionEvent::Closed(_) => closed = true,
                 _ => {}
             }
@@ -1456,7 +1466,10 @@ impl World {
         let conn = self.next_conn;
         self.next_conn += 1;
         let id = node.id;
-        let uplink = Uplink::for_device(id, self.config.clone(), self.now);
+        let mut uplink = Uplink::for_device(id, self.config.clone(), self.now);
+        if let Some(signer) = self.security.signer(device, id) {
+            uplink = uplink.signing(signer);
+        }
         let ingest = Ingest::for_gateway(id, self.config.clone(), self.now);
         self.devices[device].session =
             Some(DeviceConn { gateway, conn: Conn { id: conn, session: uplink, timer_at: None } });
@@ -1482,6 +1495,7 @@ impl World {
         let id = node.id;
         let uplink = Uplink::for_gateway(id, self.config.clone(), self.now);
         let ingest = Ingest::for_cloud(id, self.config.clone(), self.now);
+        let ingest = self.security.cloud_ingest(ingest, self.options.bugs.skip_verify);
         self.gateways[gateway].uplink = Some(Conn { id: conn, session: uplink, timer_at: None });
         self.cloud.ingest.insert(gateway, Conn { id: conn, session: ingest, timer_at: None });
         self.digest.u64(conn);
@@ -1643,7 +1657,7 @@ impl World {
             }
             Fault::Roam { device, gateway } => {
                 let node = &mut self.devices[device];
-                if node.home == gateway {
+                if node.home == gateway || self.security.pinned(&node.id) {
                     return;
                 }
                 node.home = gateway;
@@ -1724,7 +1738,8 @@ impl World {
         for node in &self.devices {
             let ledger = &node.disk.live().ledger;
             let high = ledger.high(&node.id);
-            if ledger.committed(&node.id) != high || self.cloud.disk.live().high(&node.id) != high {
+            let behind = ledger.committed(&node.id) != high || self.cloud.disk.live().high(&node.id) != high;
+            if behind && !self.security.may_lag(&node.id) {
                 return false;
             }
             if node.disk.has_unsynced() {
@@ -1740,6 +1755,10 @@ impl World {
         let mut diverged = 0;
         for device in 0..self.devices.len() {
             let id = self.devices[device].id;
+            if self.security.is_cloned(&id) {
+                // Two devices write one shadow: a clone's replicas need not agree.
+                continue;
+            }
             let device_heads = self.devices[device].disk.live_mut().shadows.get_mut(&id).map(|shadow| shadow.heads());
             let cloud_heads = self.cloud.disk.live_mut().shadows.get_mut(&id).map(|shadow| shadow.heads());
             let mut same = device_heads == cloud_heads;
