@@ -87,6 +87,18 @@ pub enum ShadowError {
     /// A key is empty.
     #[error("shadow keys may not be empty")]
     EmptyKey,
+    /// automerge panicked while parsing the bytes (a library bug on malformed input, found by
+    /// fuzzing); the shadow is unchanged.
+    #[error("malformed automerge bytes (the parser panicked)")]
+    Malformed,
+}
+
+/// Runs an automerge parse of outside bytes, turning a panic inside automerge into
+/// [`ShadowError::Malformed`]: automerge 0.12 can panic on hostile input (an `unwrap` in its RLE
+/// decoder, `core/tests/fuzz-crashers/shadow_doc_rle_panic.bin`), and a stored or received shadow
+/// must never take the process down. Only copies are parsed, so nothing half-changed is kept.
+fn guarded<T>(parse: impl FnOnce() -> Result<T, ShadowError>) -> Result<T, ShadowError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or(Err(ShadowError::Malformed))
 }
 
 /// The automerge sync state of one peer (one session): what we believe the peer has.
@@ -129,7 +141,7 @@ impl Shadow {
     /// Loads a saved shadow (from [`Shadow::save`], possibly followed by incremental saves) and
     /// continues it as `replica`.
     pub fn load(bytes: &[u8], replica: &str, limits: ShadowLimits) -> Result<Self, ShadowError> {
-        let mut doc = AutoCommit::load(bytes)?;
+        let mut doc = guarded(|| Ok(AutoCommit::load(bytes)?))?;
         doc.set_actor(ActorId::from(replica.as_bytes()));
         let saved_heads = doc.get_heads();
         let shadow = Self { doc, limits, saved_heads };
@@ -142,7 +154,7 @@ impl Shadow {
     /// Returns the number of new operations.
     pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<usize, ShadowError> {
         let mut trial = self.doc.clone();
-        let n_ops = trial.load_incremental(bytes)?;
+        let n_ops = guarded(|| Ok(trial.load_incremental(bytes)?))?;
         self.accept(trial)?;
         Ok(n_ops)
     }
@@ -238,11 +250,11 @@ impl Shadow {
     /// Applies a sync message from `peer`. Returns whether the document changed. A message that
     /// does not decode, or that would grow the shadow past its bound, leaves it unchanged.
     pub fn receive_sync_message(&mut self, peer: &mut PeerSync, message: &[u8]) -> Result<bool, ShadowError> {
-        let message = automerge::sync::Message::decode(message)?;
+        let message = guarded(|| Ok(automerge::sync::Message::decode(message)?))?;
         let heads_before = self.doc.get_heads();
         let mut trial = self.doc.clone();
         let mut trial_state = peer.state.clone();
-        trial.sync().receive_sync_message(&mut trial_state, message)?;
+        guarded(|| Ok(trial.sync().receive_sync_message(&mut trial_state, message)?))?;
         let changed = trial.get_heads() != heads_before;
         // Accept the document even when its heads did not move: automerge may have queued changes
         // whose dependencies are still missing, and the sync state now counts them as received.

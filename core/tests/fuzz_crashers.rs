@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use tidesync_core::record::ReadingRecord;
-use tidesync_core::shadow::{PeerSync, Shadow, ShadowLimits};
+use tidesync_core::shadow::{PeerSync, Shadow, ShadowError, ShadowLimits};
 use tidesync_core::wire::{BatchError, DecodeError, EventBatch, Frame, FrameDecoder};
 
 fn crashers() -> Vec<(String, Vec<u8>)> {
@@ -33,6 +33,9 @@ fn decode_everything(bytes: &[u8]) -> Result<Frame, DecodeError> {
     let _ = ReadingRecord::decode(bytes);
     let mut shadow = Shadow::new("replay", ShadowLimits::default());
     let _ = shadow.receive_sync_message(&mut PeerSync::new(), bytes);
+    // As stored shadows: a whole document, and an increment on top of a shadow.
+    let _ = Shadow::load(bytes, "replay", ShadowLimits::default());
+    let _ = shadow.load_incremental(bytes);
     Frame::decode(bytes).map(|(frame, _)| frame)
 }
 
@@ -51,6 +54,15 @@ fn every_crasher_is_handled() {
             }
             "batch_count_lie.bin" => {
                 assert!(matches!(result, Err(DecodeError::Batch(BatchError::Truncated { .. }))), "{name}: {result:?}")
+            }
+            "shadow_doc_rle_panic.bin" => {
+                // automerge panics parsing it; the shadow reports it as malformed instead.
+                let loaded = Shadow::load(&bytes, "replay", ShadowLimits::default());
+                assert!(matches!(loaded, Err(ShadowError::Malformed)), "{name}: {loaded:?}");
+                let mut shadow = Shadow::new("replay", ShadowLimits::default());
+                let before = shadow.to_json();
+                assert!(shadow.load_incremental(&bytes).is_err(), "{name}: refused as an increment");
+                assert_eq!(shadow.to_json(), before, "{name}: the shadow is unchanged");
             }
             "seq_overflow.bin" => {
                 assert!(matches!(result, Err(DecodeError::Batch(BatchError::SeqRange))), "{name}: {result:?}")
