@@ -31,7 +31,13 @@ use core::fmt;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use crate::event::{DeviceId, Event, Seq};
+use crate::event::{DeviceId, Event, EventId, EventKind, Hlc, Millis, Seq};
+
+mod keys;
+pub use keys::{
+    format_seed, parse_public_key, parse_seed, KeyEntry, KeyRegistry, KeyState, RegistryError, SeedError,
+    REGISTRY_HEADER, SEED_BYTES,
+};
 
 /// Bytes of a chain value.
 pub const CHAIN_BYTES: usize = 32;
@@ -67,6 +73,19 @@ impl ChainHash {
     pub fn next_with(&self, event: &Event, scratch: &mut Vec<u8>) -> ChainHash {
         scratch.clear();
         event.payload.encode_body(scratch);
+        self.next_encoded(&EncodedEvent {
+            id: event.id,
+            hlc: event.hlc,
+            event_time: event.event_time,
+            kind: event.kind(),
+            schema_version: event.schema_version(),
+            body: &scratch[..],
+        })
+    }
+
+    /// [`ChainHash::next`] over an event whose payload is already encoded: a ledger that stores
+    /// encoded bodies chains without decoding them.
+    pub fn next_encoded(&self, event: &EncodedEvent<'_>) -> ChainHash {
         let mut hasher = Sha256::new();
         hasher.update(self.0);
         put_name(&mut hasher, &event.id.device);
@@ -74,10 +93,10 @@ impl ChainHash {
         hasher.update(event.hlc.wall_ms.to_le_bytes());
         hasher.update(event.hlc.logical.to_le_bytes());
         hasher.update(event.event_time.0.to_le_bytes());
-        hasher.update(event.kind().tag().to_le_bytes());
-        hasher.update(event.schema_version().to_le_bytes());
-        hasher.update((scratch.len() as u32).to_le_bytes());
-        hasher.update(&scratch[..]);
+        hasher.update(event.kind.tag().to_le_bytes());
+        hasher.update(event.schema_version.to_le_bytes());
+        hasher.update((event.body.len() as u32).to_le_bytes());
+        hasher.update(event.body);
         ChainHash(hasher.finalize().into())
     }
 
@@ -91,6 +110,24 @@ impl ChainHash {
     pub fn to_hex(&self) -> alloc::string::String {
         hex(&self.0)
     }
+}
+
+/// An event as the chain hashes it, with its payload body already encoded
+/// ([`crate::event::Payload::encode_body`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EncodedEvent<'a> {
+    /// The event's id.
+    pub id: EventId,
+    /// Its clock stamp.
+    pub hlc: Hlc,
+    /// Its sensor time.
+    pub event_time: Millis,
+    /// Its payload's kind.
+    pub kind: EventKind,
+    /// Its payload's schema version.
+    pub schema_version: u16,
+    /// Its payload's encoded body.
+    pub body: &'a [u8],
 }
 
 impl fmt::Debug for ChainHash {

@@ -4,14 +4,17 @@
 //! each recording one event at a time, and for one producer recording batches of 1,000: events/s
 //! durable and acknowledgement latency p50/p99; and the raw baseline: rusqlite inserts of the same
 //! rows with the same `synchronous` setting (FULL, WAL), one row per transaction and 1,000 rows per
-//! transaction. Every scenario runs `ROUNDS` times on a fresh database; medians are printed.
+//! transaction. Every scenario runs `ROUNDS` times on a fresh database; medians are printed. Last,
+//! the CPU cost of the hash chain the writer computes per event (SHA-256 over the event's fields,
+//! see `tidesync_core::auth`), alone, in ns/event: the part of the append cost that signing adds.
 //! `TIDESYNC_BENCH_SECONDS` sets the length of one round (default 2).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
-use tidesync_core::event::{DeviceId, Millis, Payload, SensorReading};
+use tidesync_core::auth::{ChainHash, EncodedEvent};
+use tidesync_core::event::{DeviceId, EventId, Hlc, Millis, Payload, SensorReading, Seq};
 use tidesync_device::{Agent, DeviceStore, LedgerConfig, NewEvent};
 
 const ROUNDS: usize = 3;
@@ -133,6 +136,30 @@ fn raw_round(batch: usize) -> Round {
     summarise(seq, start.elapsed(), latencies_ms)
 }
 
+/// Nanoseconds per event of the chain step alone, over the bench's payload.
+fn chain_ns_per_event() -> f64 {
+    let device = DeviceId::new("bench-1").expect("valid");
+    let mut body = Vec::new();
+    payload(0).encode_body(&mut body);
+    let n_events = 1_000_000u64;
+    let start = Instant::now();
+    let mut chain = ChainHash::genesis(&device);
+    for seq in 1..=n_events {
+        chain = chain.next_encoded(&EncodedEvent {
+            id: EventId { device, seq: Seq(seq) },
+            hlc: Hlc { wall_ms: 1_700_000_000_000 + seq, logical: 0 },
+            event_time: Millis(1_700_000_000_000),
+            kind: payload(0).kind(),
+            schema_version: 1,
+            body: &body,
+        });
+    }
+    let elapsed = start.elapsed();
+    // Keep the result alive so the loop is not optimised away.
+    assert_ne!(chain, ChainHash::default());
+    elapsed.as_nanos() as f64 / n_events as f64
+}
+
 fn median(mut rounds: Vec<Round>) -> Round {
     rounds.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
     rounds.swap_remove(rounds.len() / 2)
@@ -157,4 +184,7 @@ fn main() {
     let batch = median((0..ROUNDS).map(|_| agent_round(1, BATCH_EVENTS)).collect());
     print("agent, 1 producer x 1000-event batches", &batch);
     println!("{:<40} {:>14.2}x raw 1000-row", "", batch.events_per_s / raw_batch.events_per_s);
+    let mut chain_ns: Vec<f64> = (0..ROUNDS).map(|_| chain_ns_per_event()).collect();
+    chain_ns.sort_by(f64::total_cmp);
+    println!("{:<40} {:>14.0} ns/event (the writer's share of signing)", "hash chain step alone", chain_ns[ROUNDS / 2]);
 }

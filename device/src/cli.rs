@@ -24,6 +24,7 @@ use crate::agent::{wall_now, Agent, Pending};
 use crate::config::{Config, FullPolicy, Synchronous, DATABASE_FILE_NAME};
 use crate::json::{event_to_json, parse_line};
 use crate::serial;
+use crate::signing::SigningKey;
 use crate::store::DeviceStore;
 use crate::uplink::{self, UplinkCounters, UplinkOptions};
 use rand::SeedableRng;
@@ -70,6 +71,10 @@ pub enum Command {
         /// This device's name (1 to 64 of A-Z a-z 0-9 . _ -).
         #[arg(long)]
         device_id: String,
+        /// This device's event signing key (`NAME.sign.key` from `tidesync-gateway pki issue`),
+        /// absolute or relative to the data dir; checked now and saved as `[uplink] signing_key`.
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
     },
     /// Record events from JSON lines on stdin.
     Record {
@@ -128,9 +133,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config_path = cli.config.clone().unwrap_or_else(|| Config::path_in(&cli.data_dir));
     let database_path = cli.data_dir.join(DATABASE_FILE_NAME);
     match &cli.command {
-        Command::Init { device_id } => {
+        Command::Init { device_id, signing_key } => {
             let device = DeviceId::new(device_id).with_context(|| format!("invalid device id {device_id:?}"))?;
-            init(&cli, device, &config_path, &database_path)
+            init(&cli, device, signing_key.as_deref(), &config_path, &database_path)
         }
         command => {
             let config = load_config(&cli, &config_path)?;
@@ -171,17 +176,30 @@ fn load_config(cli: &Cli, config_path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn init(cli: &Cli, device: DeviceId, config_path: &Path, database_path: &Path) -> anyhow::Result<ExitCode> {
+fn init(
+    cli: &Cli,
+    device: DeviceId,
+    signing_key: Option<&Path>,
+    config_path: &Path,
+    database_path: &Path,
+) -> anyhow::Result<ExitCode> {
     if config_path.exists() {
         anyhow::bail!("{} already exists: this data dir is initialised", config_path.display());
     }
+    // A wrong key path is found now, before anything is created.
+    let public_key = signing_key.map(|path| SigningKey::load(&cli.data_dir.join(path))).transpose()?;
     std::fs::create_dir_all(&cli.data_dir).with_context(|| format!("cannot create {}", cli.data_dir.display()))?;
     let mut config = Config::new(device);
+    config.uplink.signing_key = signing_key.map(Path::to_path_buf);
     apply_overrides(cli, &mut config);
     DeviceStore::create(database_path, device, config.ledger.clone())?;
     config.save(config_path)?;
     tracing::info!(%device, data_dir = %cli.data_dir.display(), "initialised");
-    print_json(&serde_json::json!({ "device_id": device.as_str(), "data_dir": cli.data_dir }))
+    print_json(&serde_json::json!({
+        "device_id": device.as_str(),
+        "data_dir": cli.data_dir,
+        "signing_public_key": public_key.map(|key| key.public_hex()),
+    }))
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<ExitCode> {
@@ -295,6 +313,9 @@ fn run_uplink(
         !addrs.is_empty() || serial.is_some(),
         "nothing to run: configure `[uplink] gateways`, pass --gateway HOST:PORT, or --serial PATH"
     );
+    // Loaded before anything starts: a missing or damaged key stops the agent with its reason.
+    let signing =
+        config.uplink.signing_key.as_ref().map(|path| SigningKey::load(&cli.data_dir.join(path))).transpose()?;
     let agent = Arc::new(Agent::start(store)?);
     let stop_serial = Arc::new(AtomicBool::new(false));
     let serial_thread = match serial {
@@ -341,7 +362,7 @@ fn run_uplink(
             backoff_max_ms: uplink.backoff_max_ms,
         };
         let rng = rand_chacha::ChaCha8Rng::from_os_rng();
-        Ok(uplink::run(Arc::clone(&agent), options, Arc::clone(&counters), rng, shutdown).await?)
+        Ok(uplink::run_with_key(Arc::clone(&agent), options, signing, Arc::clone(&counters), rng, shutdown).await?)
     });
     stop_serial.store(true, Ordering::Relaxed);
     let mut summary = serde_json::json!({ "uplink": counters.snapshot() });

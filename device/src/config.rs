@@ -115,6 +115,10 @@ pub struct UplinkConfig {
     /// The fleet's certificate revocation list (PEM), if the fleet publishes one.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// This device's event signing key (`NAME.sign.key` from `tidesync-gateway pki issue`). Without
+    /// one the device sends its events unsigned, and a verifying cloud refuses them.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
     /// Give up a connection attempt after this long.
     #[serde(default = "connect_timeout_ms_default")]
     pub connect_timeout_ms: u64,
@@ -158,6 +162,7 @@ impl Default for UplinkConfig {
             cert: cert_default(),
             key: key_default(),
             crl: None,
+            signing_key: None,
             connect_timeout_ms: connect_timeout_ms_default(),
             backoff_initial_ms: backoff_initial_ms_default(),
             backoff_max_ms: backoff_max_ms_default(),

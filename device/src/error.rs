@@ -73,6 +73,12 @@ pub enum StoreError {
         #[source]
         source: BodyError,
     },
+    /// A stored event's chain value is not 32 bytes: the database was damaged.
+    #[error("stored chain value of seq {seq} is damaged")]
+    CorruptChain {
+        /// Its seq.
+        seq: Seq,
+    },
     /// A stored integer does not fit its type (seq, clock, kind tag).
     #[error("stored {column} value {value} is out of range")]
     OutOfRange {

@@ -9,7 +9,8 @@
 //!
 //! Code map: [`store`] (SQLite ledger, retention and budget, shadow persistence), [`agent`]
 //! (writer thread, group commit, application API), [`config`] (the TOML file), [`json`] (JSON
-//! lines in and out), [`cli`] (the `tidesync-device` command).
+//! lines in and out), [`cli`] (the `tidesync-device` command), [`uplink`] (the QUIC session
+//! driver), [`signing`] (the event signing key).
 
 pub mod agent;
 pub mod cli;
@@ -17,10 +18,12 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod serial;
+pub mod signing;
 pub mod store;
 pub mod uplink;
 
 pub use agent::{Agent, Pending};
 pub use config::{Config, FullPolicy, LedgerConfig, Synchronous, UplinkConfig};
 pub use error::StoreError;
+pub use signing::{SigningKey, SigningKeyError};
 pub use store::{DesiredWatch, DeviceStore, NewEvent, RecordRequest, Status};

@@ -13,6 +13,13 @@
 //! Invariant: a shadow change and the `shadow_reported` event that records it commit in one
 //! transaction.
 //!
+//! Invariant: each event row holds the device's hash-chain value after it (see
+//! `tidesync_core::auth`), computed by the writer from the row before and written in the event's
+//! own transaction, or NULL when the chain is unknown (a ledger migrated from schema 1 that no
+//! longer held seq 1). The `floor_chain` meta row is the chain value at `low - 1` (after the
+//! highest seq pruned or dropped), absent when unknown. So `read` can always say what the chain
+//! was before the events it returns, and a signing uplink can seal them.
+//!
 //! The store is single-threaded (`&mut self`); [`crate::Agent`] owns one on its writer thread and
 //! turns many producers' requests into group commits.
 
@@ -24,6 +31,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
+use tidesync_core::auth::{BatchProof, ChainHash, EncodedEvent, CHAIN_BYTES};
 use tidesync_core::event::{DeviceId, Event, EventId, EventKind, Gap, GapReason, Hlc, HlcClock, Millis, Payload, Seq};
 use tidesync_core::ledger::{Appended, Ledger, LedgerError};
 use tidesync_core::shadow::{Section, Shadow, ShadowError, ShadowLimits};
@@ -37,11 +45,13 @@ use crate::error::StoreError;
 
 /// `PRAGMA application_id` of a device ledger ("TSDV"): tells our files from other SQLite files.
 pub const APPLICATION_ID: u32 = 0x5453_4456;
-/// `PRAGMA user_version` this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` this build writes and reads. Version 1 (no chains) is migrated on open.
+pub const SCHEMA_VERSION: i64 = 2;
+/// The schema version before events carried their chain value.
+const SCHEMA_VERSION_UNCHAINED: i64 = 1;
 /// Bytes an event row costs on top of its body, for the byte budget: the row header, the
-/// integer columns, the device name and the index entry, rounded up.
-pub const EVENT_ROW_OVERHEAD_BYTES: u64 = 48;
+/// integer columns, the device name, the 32-byte chain value and the index entry, rounded up.
+pub const EVENT_ROW_OVERHEAD_BYTES: u64 = 80;
 /// Most committed events deleted in one pruning transaction, so pruning never holds the writer
 /// long.
 pub const PRUNE_BATCH_EVENTS: u64 = 4096;
@@ -74,7 +84,8 @@ CREATE TABLE events (
     event_time_ms  INTEGER NOT NULL,
     kind           INTEGER NOT NULL,
     schema_version INTEGER NOT NULL,
-    body           BLOB    NOT NULL
+    body           BLOB    NOT NULL,
+    chain          BLOB    CHECK (chain IS NULL OR length(chain) = 32)
 ) STRICT;
 CREATE TABLE watermarks (
     upstream TEXT    NOT NULL,
@@ -192,6 +203,10 @@ struct LedgerState {
     committed: Seq,
     clock: HlcClock,
     used_bytes: u64,
+    /// The chain value at `high`, if known.
+    head: Option<ChainHash>,
+    /// The chain value at `low - 1`, if known (what `floor_chain` in `meta` holds).
+    floor: Option<ChainHash>,
 }
 
 /// The latest desired state for one watcher: a slot that holds only the newest value, so a
@@ -272,8 +287,8 @@ impl DeviceStore {
             db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('device', ?1), ('high', 0), ('committed', 0),
-                 ('hlc_wall_ms', 0), ('hlc_logical', 0)",
-                params![device.as_str()],
+                 ('hlc_wall_ms', 0), ('hlc_logical', 0), ('floor_chain', ?2)",
+                params![device.as_str(), ChainHash::genesis(&device).0],
             )?;
             let replica = replica_name(device);
             let mut shadow = Shadow::new(&replica, ShadowLimits::default());
@@ -296,7 +311,7 @@ impl DeviceStore {
         db.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
         // Reading the schema first: a damaged file fails here, before any pragma could write.
         let user_version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if user_version != SCHEMA_VERSION {
+        if user_version != SCHEMA_VERSION && user_version != SCHEMA_VERSION_UNCHAINED {
             return Err(StoreError::SchemaVersion {
                 path: path.to_path_buf(),
                 found: user_version,
@@ -340,8 +355,20 @@ impl DeviceStore {
         }
         let hlc_events = hlc_max.map_or(Hlc::default(), |(wall_ms, logical)| Hlc { wall_ms, logical });
         let clock = HlcClock::resume(hlc_meta.max(hlc_events));
-        let state =
-            LedgerState { high, low, committed, clock, used_bytes: body_bytes + n_events * EVENT_ROW_OVERHEAD_BYTES };
+        if user_version == SCHEMA_VERSION_UNCHAINED {
+            migrate_chains(&db, device, low, high)?;
+        }
+        let floor = floor_chain(&db)?;
+        let head = if low <= high { stored_chain(&db, high)? } else { floor };
+        let state = LedgerState {
+            high,
+            low,
+            committed,
+            clock,
+            used_bytes: body_bytes + n_events * EVENT_ROW_OVERHEAD_BYTES,
+            head,
+            floor,
+        };
 
         let mut custody = BTreeMap::new();
         {
@@ -568,6 +595,8 @@ impl DeviceStore {
                 "commit beyond the ledger's high: skipping ahead"
             );
             self.state.high = up_to;
+            // Our chain does not reach there: what we record next cannot be sealed.
+            self.state.head = None;
         }
         self.state.committed = up_to;
         let outcome = self.begin().and_then(|()| {
@@ -643,6 +672,38 @@ impl DeviceStore {
             });
         }
         Ok(events)
+    }
+
+    /// The chain values after up to `max_events` held events from `from` on, in seq order
+    /// (`None` where the chain is unknown).
+    pub fn chains_from(&self, from: Seq, max_events: usize) -> Result<Vec<(Seq, Option<ChainHash>)>, StoreError> {
+        let mut statement =
+            self.db.prepare_cached("SELECT seq, chain FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2")?;
+        let mut rows = statement.query(params![from.0, max_events as u64])?;
+        let mut chains = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq = Seq(row.get(0)?);
+            chains.push((seq, chain_value(row.get(1)?).ok_or(StoreError::CorruptChain { seq })?));
+        }
+        Ok(chains)
+    }
+
+    /// The chain value after `seq`: genesis at 0, the floor just before the held events, the
+    /// stored value of a held event; `None` if unknown or not covered.
+    pub fn chain_at(&self, seq: Seq) -> Result<Option<ChainHash>, StoreError> {
+        if seq == Seq::ZERO {
+            return Ok(Some(ChainHash::genesis(&self.device)));
+        }
+        if seq.next() == self.state.low {
+            return Ok(self.state.floor);
+        }
+        if seq == self.state.high {
+            return Ok(self.state.head);
+        }
+        if seq < self.state.low || seq > self.state.high {
+            return Ok(None);
+        }
+        stored_chain(&self.db, seq)
     }
 
     /// The store's status.
@@ -736,11 +797,12 @@ impl DeviceStore {
     /// per-row cost is then SQLite's alone, as in a hand-written bulk insert.
     fn insert_all(&mut self, wall: Millis, events: &[NewEvent]) -> Result<(), rusqlite::Error> {
         let mut statement = self.db.prepare_cached(
-            "INSERT INTO events (seq, device, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO events (seq, device, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, chain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         let device = self.device.as_str();
         let mut high = self.state.high;
+        let mut chain = self.state.head;
         let mut used_bytes = 0;
         // The clock is advanced on a copy and kept only if every insert succeeded; on an error
         // the caller rolls back the transaction and restores the state anyway.
@@ -748,6 +810,16 @@ impl DeviceStore {
         for new_event in events {
             let seq = high.next();
             let hlc = clock.now(wall);
+            chain = chain.map(|before| {
+                before.next_encoded(&EncodedEvent {
+                    id: EventId { device: self.device, seq },
+                    hlc,
+                    event_time: new_event.event_time,
+                    kind: new_event.kind,
+                    schema_version: new_event.schema_version,
+                    body: &new_event.body,
+                })
+            });
             statement.execute(params![
                 seq.0,
                 device,
@@ -757,6 +829,7 @@ impl DeviceStore {
                 new_event.kind.tag(),
                 new_event.schema_version,
                 new_event.body,
+                chain.as_ref().map(|chain| &chain.0[..]),
             ])?;
             high = seq;
             used_bytes += new_event.cost_bytes();
@@ -766,6 +839,7 @@ impl DeviceStore {
             self.state.low = self.state.low.min(first);
         }
         self.state.high = high;
+        self.state.head = chain;
         self.state.clock = clock;
         self.state.used_bytes += used_bytes;
         Ok(())
@@ -885,9 +959,31 @@ impl DeviceStore {
             params![self.state.low.0, up_to.0],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
+        // The chain after the last deleted event becomes the floor, so a batch that starts after
+        // it (or with the hole it leaves) can still be sealed.
+        let floor: Option<Option<Vec<u8>>> = self
+            .db
+            .prepare_cached("SELECT chain FROM events WHERE seq = ?1")?
+            .query_row(params![up_to.0], |row| row.get(0))
+            .optional()?;
+        let floor = floor.flatten().and_then(|bytes| chain_value(Some(bytes)).flatten());
         self.db.execute("DELETE FROM events WHERE seq BETWEEN ?1 AND ?2", params![self.state.low.0, up_to.0])?;
         self.state.used_bytes -= body_bytes + n_events * EVENT_ROW_OVERHEAD_BYTES;
         self.state.low = up_to.next();
+        self.set_floor(floor)?;
+        Ok(())
+    }
+
+    /// Writes the chain value at `low - 1` (inside the open transaction).
+    fn set_floor(&mut self, floor: Option<ChainHash>) -> Result<(), rusqlite::Error> {
+        match floor {
+            Some(chain) => self
+                .db
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('floor_chain', ?1)")?
+                .execute(params![chain.0])?,
+            None => self.db.prepare_cached("DELETE FROM meta WHERE key = 'floor_chain'")?.execute([])?,
+        };
+        self.state.floor = floor;
         Ok(())
     }
 
@@ -936,6 +1032,86 @@ fn meta<T: rusqlite::types::FromSql>(db: &Connection, key: &'static str) -> Resu
             other => StoreError::Sqlite(other),
         })?
         .ok_or(StoreError::Meta { key })
+}
+
+/// A stored chain value: `Some(None)` for NULL (unknown), `None` if it is not 32 bytes (damaged).
+fn chain_value(bytes: Option<Vec<u8>>) -> Option<Option<ChainHash>> {
+    match bytes {
+        None => Some(None),
+        Some(bytes) => <[u8; CHAIN_BYTES]>::try_from(bytes.as_slice()).ok().map(|chain| Some(ChainHash(chain))),
+    }
+}
+
+/// The stored chain value after held event `seq`.
+fn stored_chain(db: &Connection, seq: Seq) -> Result<Option<ChainHash>, StoreError> {
+    let bytes: Option<Option<Vec<u8>>> = db
+        .prepare_cached("SELECT chain FROM events WHERE seq = ?1")?
+        .query_row(params![seq.0], |row| row.get(0))
+        .optional()?;
+    chain_value(bytes.flatten()).ok_or(StoreError::CorruptChain { seq })
+}
+
+/// The chain value at `low - 1` kept in `meta`, if known.
+fn floor_chain(db: &Connection) -> Result<Option<ChainHash>, StoreError> {
+    let bytes: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE key = 'floor_chain'", [], |row| row.get(0))
+        .optional()
+        .map_err(|error| match error {
+            rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => {
+                StoreError::Meta { key: "floor_chain" }
+            }
+            other => StoreError::Sqlite(other),
+        })?;
+    chain_value(bytes).ok_or(StoreError::Meta { key: "floor_chain" })
+}
+
+/// Migrates a schema-1 ledger (no chains) in one transaction: adds the `chain` column and, if the
+/// ledger still holds (or covers nothing but) its first event, computes every held event's chain
+/// from genesis; otherwise the chain before the held events is unknown and stays so.
+fn migrate_chains(db: &Connection, device: DeviceId, low: Seq, high: Seq) -> Result<(), StoreError> {
+    db.execute_batch("BEGIN IMMEDIATE")?;
+    let outcome = (|| -> Result<bool, rusqlite::Error> {
+        db.execute_batch("ALTER TABLE events ADD COLUMN chain BLOB CHECK (chain IS NULL OR length(chain) = 32)")?;
+        let from_genesis = low == Seq::FIRST || high == Seq::ZERO;
+        if from_genesis {
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('floor_chain', ?1)",
+                params![ChainHash::genesis(&device).0],
+            )?;
+            let mut select = db.prepare(
+                "SELECT seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body FROM events ORDER BY seq",
+            )?;
+            let mut update = db.prepare("UPDATE events SET chain = ?2 WHERE seq = ?1")?;
+            let mut rows = select.query([])?;
+            let mut chain = ChainHash::genesis(&device);
+            while let Some(row) = rows.next()? {
+                let seq = Seq(row.get(0)?);
+                let body: Vec<u8> = row.get(6)?;
+                chain = chain.next_encoded(&EncodedEvent {
+                    id: EventId { device, seq },
+                    hlc: Hlc { wall_ms: row.get(1)?, logical: row.get(2)? },
+                    event_time: Millis(row.get(3)?),
+                    kind: EventKind::from_tag(row.get(4)?),
+                    schema_version: row.get(5)?,
+                    body: &body,
+                });
+                update.execute(params![seq.0, chain.0])?;
+            }
+        }
+        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        db.execute_batch("COMMIT")?;
+        Ok(from_genesis)
+    })();
+    match outcome {
+        Ok(from_genesis) => {
+            tracing::info!(%device, low = low.0, high = high.0, from_genesis, "ledger migrated to schema 2 (hash chain)");
+            Ok(())
+        }
+        Err(error) => {
+            let _ = db.execute_batch("ROLLBACK");
+            Err(error.into())
+        }
+    }
 }
 
 fn load_shadow(db: &Connection, device: DeviceId) -> Result<(Shadow, u64), StoreError> {
@@ -1025,7 +1201,12 @@ impl Ledger for DeviceStore {
         }
         // Held events are contiguous (module invariant); seqs before the first one held are
         // declared as a hole by starting the batch at `from`.
-        Ok(Some(EventBatch::new(self.device, from, events)?))
+        let mut batch = EventBatch::new(self.device, from, events)?;
+        // Seals and the hole proof are the signing uplink's to make; the ledger says where the
+        // chain stood before the first event.
+        let prev = self.chain_at(Seq(batch.first_seq().0 - 1))?;
+        batch.proof = prev.map(|prev| BatchProof { prev, seals: Vec::new(), hole: None });
+        Ok(Some(batch))
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
@@ -1042,6 +1223,8 @@ impl Ledger for DeviceStore {
         };
         let before = self.state;
         // A hole declared in front of the fresh events would split the held run; skip past it.
+        // After a hole only the sender's proof knows the chain.
+        let hole_floor = fresh.dropped().map(|_| fresh.proof.as_ref().map(|proof| proof.prev));
         if let Some((_, last_dropped)) = fresh.dropped() {
             if self.state.low <= self.state.high {
                 return Err(LedgerError::Hole { device: batch.device, high, from: last_dropped.next() });
@@ -1050,15 +1233,30 @@ impl Ledger for DeviceStore {
             self.state.low = last_dropped.next();
         }
         let outcome = self.begin().and_then(|()| {
+            if let Some(floor) = hole_floor {
+                self.set_floor(floor)?;
+                self.state.head = floor;
+            }
             let mut statement = self.db.prepare_cached(
-                "INSERT INTO events (seq, device, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO events (seq, device, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, chain)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             let mut used_bytes = 0;
+            let mut chain = self.state.head;
             for event in &fresh.events {
                 let mut body = Vec::new();
                 event.payload.encode_body(&mut body);
                 used_bytes += body.len() as u64 + EVENT_ROW_OVERHEAD_BYTES;
+                chain = chain.map(|before| {
+                    before.next_encoded(&EncodedEvent {
+                        id: event.id,
+                        hlc: event.hlc,
+                        event_time: event.event_time,
+                        kind: event.kind(),
+                        schema_version: event.schema_version(),
+                        body: &body,
+                    })
+                });
                 statement.execute(params![
                     event.id.seq.0,
                     self.device.as_str(),
@@ -1068,9 +1266,11 @@ impl Ledger for DeviceStore {
                     event.kind().tag(),
                     event.schema_version(),
                     body,
+                    chain.as_ref().map(|chain| &chain.0[..]),
                 ])?;
             }
             drop(statement);
+            self.state.head = chain;
             self.state.used_bytes += used_bytes;
             self.state.low = self.state.low.min(fresh.first_seq());
             self.state.high = fresh.last_seq();
@@ -1093,6 +1293,16 @@ impl Ledger for DeviceStore {
         }
         Ok(self.mark_committed_seq(up_to)?)
     }
+
+    fn chain_head(&self, device: &DeviceId) -> Option<ChainHash> {
+        if *device != self.device {
+            return None;
+        }
+        if self.state.high == Seq::ZERO {
+            return Some(ChainHash::genesis(device));
+        }
+        self.state.head
+    }
 }
 
 impl Store for DeviceStore {
@@ -1107,3 +1317,6 @@ impl Store for DeviceStore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod chain_tests;

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::{wall_now, Agent};
 use crate::error::StoreError;
+use crate::signing::SigningKey;
 use crate::store::DeviceStore;
 
 /// Frames read ahead of the session, per connection.
@@ -89,6 +90,9 @@ pub struct UplinkCounters {
     pub backlog_events: AtomicU64,
     /// Stalls and resend loops the session reported.
     pub stalls: AtomicU64,
+    /// Batches sent without a seal although a signing key is configured (the ledger did not know
+    /// the chain before them).
+    pub unsigned_batches: AtomicU64,
 }
 
 /// A snapshot of [`UplinkCounters`] for logs and tests.
@@ -112,6 +116,8 @@ pub struct UplinkSnapshot {
     pub backlog_events: u64,
     /// Stalls and resend loops.
     pub stalls: u64,
+    /// Batches sent unsealed although a key is configured.
+    pub unsigned_batches: u64,
 }
 
 impl UplinkCounters {
@@ -128,6 +134,7 @@ impl UplinkCounters {
             committed_seq: get(&self.committed_seq),
             backlog_events: get(&self.backlog_events),
             stalls: get(&self.stalls),
+            unsigned_batches: get(&self.unsigned_batches),
         }
     }
 }
@@ -165,10 +172,24 @@ enum SessionEnd {
     Failed,
 }
 
-/// Runs the uplink until `shutdown` turns true. `rng` draws the backoff jitter.
+/// Runs the uplink until `shutdown` turns true, sending events unsigned. `rng` draws the backoff
+/// jitter. See [`run_with_key`].
 pub async fn run(
     agent: Arc<Agent>,
     options: UplinkOptions,
+    counters: Arc<UplinkCounters>,
+    rng: impl RngCore + Send,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), UplinkError> {
+    run_with_key(agent, options, None, counters, rng, shutdown).await
+}
+
+/// Runs the uplink until `shutdown` turns true; every batch sent is sealed with `signing` (if
+/// given). `rng` draws the backoff jitter.
+pub async fn run_with_key(
+    agent: Arc<Agent>,
+    options: UplinkOptions,
+    signing: Option<SigningKey>,
     counters: Arc<UplinkCounters>,
     mut rng: impl RngCore + Send,
     mut shutdown: watch::Receiver<bool>,
@@ -183,6 +204,13 @@ pub async fn run(
     };
     let client = Client::bind(bind, &options.credentials, &options.transport)?;
     let device = agent.device();
+    match &signing {
+        Some(key) => tracing::info!(%device, public_key = %key.public_hex(), "events are signed"),
+        None => tracing::warn!(
+            %device,
+            "no signing key configured (`[uplink] signing_key`): events are sent unsigned, and a verifying cloud refuses them"
+        ),
+    }
     let mut gateway_index = 0;
     let mut failures_in_a_row: u32 = 0;
     loop {
@@ -194,7 +222,7 @@ pub async fn run(
             Ok(Some(link)) => {
                 counters.sessions.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%device, gateway = %addr, peer = %link.peer(), "connected");
-                let end = session(&agent, link, &options, &counters, &mut shutdown).await;
+                let end = session(&agent, link, &options, signing.as_ref(), &counters, &mut shutdown).await;
                 tracing::info!(%device, gateway = %addr, ?end, "session ended");
                 end
             }
@@ -274,6 +302,7 @@ fn turn(store: &mut DeviceStore, input: TurnInput) -> Turn {
     let counters = counters.as_ref();
     let now = clock.now();
     let device = store.device();
+    let unsigned_before = uplink.n_unsigned();
     for frame in inbox {
         if let Err(error) = uplink.handle_frame(now, frame, store) {
             tracing::warn!(%error, "the gateway broke the protocol");
@@ -314,6 +343,7 @@ fn turn(store: &mut DeviceStore, input: TurnInput) -> Turn {
         }
     }
     counters.backlog_events.store(uplink.backlog_events(), Ordering::Relaxed);
+    counters.unsigned_batches.fetch_add(uplink.n_unsigned() - unsigned_before, Ordering::Relaxed);
     let deadline = uplink.poll_timeout();
     if uplink.is_closed() && closed.is_none() {
         closed = Some(CloseReason::IdleTimeout);
@@ -379,6 +409,7 @@ async fn session(
     agent: &Arc<Agent>,
     link: Link,
     options: &UplinkOptions,
+    signing: Option<&SigningKey>,
     counters: &Arc<UplinkCounters>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
@@ -411,7 +442,11 @@ async fn session(
     let changed = agent.changed();
     let clock = SessionClock::new();
     let device = agent.device();
-    let mut uplink = Some(Uplink::for_device(device, options.session.clone(), clock.now()));
+    let mut session_uplink = Uplink::for_device(device, options.session.clone(), clock.now());
+    if let Some(key) = signing {
+        session_uplink = session_uplink.signing(key.signer(device));
+    }
+    let mut uplink = Some(session_uplink);
     let mut received = Vec::new();
     let mut timeout_due = false;
     let mut shadow_edits_seen = u64::MAX;

@@ -144,3 +144,36 @@ fn commands_on_a_missing_or_foreign_data_dir_fail_clearly() {
     assert!(!bad_id.status.success());
     assert!(stderr(&bad_id).contains("invalid device id"), "{}", stderr(&bad_id));
 }
+
+#[test]
+fn init_takes_a_signing_key_and_run_refuses_a_damaged_one_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "9f".repeat(32);
+    let key = dir.path().join("pump-7.sign.key");
+    std::fs::write(&key, format!("{secret}\n")).unwrap();
+
+    // A missing key: init refuses and creates nothing.
+    let data = dir.path().join("data");
+    let missing = run(&data, &["init", "--device-id", "pump-7", "--signing-key", "/nonexistent/x.sign.key"], "");
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no signing key at /nonexistent/x.sign.key"), "{}", stderr(&missing));
+    assert!(!data.exists());
+
+    let init = stdout_json(&run(&data, &["init", "--device-id", "pump-7", "--signing-key", key.to_str().unwrap()], ""));
+    let public = init["signing_public_key"].as_str().unwrap();
+    assert_eq!(public.len(), 64);
+    let config = std::fs::read_to_string(data.join("tidesync-device.toml")).unwrap();
+    assert!(config.contains(&format!("signing_key = \"{}\"", key.display())), "{config}");
+
+    // The key is damaged later: `run` stops before connecting, names the file, shows no secret.
+    std::fs::write(&key, format!("{}\n", &secret[..50])).unwrap();
+    let damaged = run(&data, &["run", "--gateway", "127.0.0.1:9"], "");
+    assert!(!damaged.status.success());
+    let message = stderr(&damaged);
+    assert!(message.contains("is damaged") && message.contains("64 hex digits"), "{message}");
+    assert!(!message.contains(&secret[..16]), "the secret was printed: {message}");
+    std::fs::remove_file(&key).unwrap();
+    let gone = run(&data, &["run", "--gateway", "127.0.0.1:9"], "");
+    assert!(!gone.status.success());
+    assert!(stderr(&gone).contains("no signing key at"), "{}", stderr(&gone));
+}

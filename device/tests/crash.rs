@@ -1,7 +1,8 @@
 //! Crash test: the real `tidesync-device record --follow` process records a stream of readings
 //! and is killed with SIGKILL at random moments; after every kill the ledger must hold every
-//! event the process acknowledged (with the value it was given), seqs must be gap-free, and
-//! SQLite's integrity check must pass.
+//! event the process acknowledged (with the value it was given), seqs must be gap-free, SQLite's
+//! integrity check must pass, and the hash chain stored with the events must equal a fresh fold
+//! of the surviving events (it is written in each event's own transaction).
 //!
 //! `TIDESYNC_CRASH_KILLS` sets the number of kills (default 50); `TIDESYNC_CRASH_SEED` the seed
 //! of the kill moments (printed, so a failure can be replayed).
@@ -19,7 +20,9 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
+use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Payload, Seq};
+use tidesync_core::ledger::Ledger;
 use tidesync_device::{DeviceStore, LedgerConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidesync-device");
@@ -100,6 +103,9 @@ fn every_acknowledged_event_survives_sigkill() {
     let mut next_value = 1;
     let mut high_seen = 0;
     let mut runs_with_acks = 0;
+    // The fold of the chain over the surviving events, extended after each kill (what survived a
+    // kill is durable, so later kills only add to it).
+    let mut folded: Vec<ChainHash> = Vec::new();
     for kill in 0..kills {
         // Kill moments between 10 and 150 ms after start: some land while SQLite opens, most
         // while group commits are in flight.
@@ -133,6 +139,18 @@ fn every_acknowledged_event_survives_sigkill() {
         for (seq, value) in &acknowledged {
             assert_eq!(held.get(seq), Some(value), "kill {kill}: acknowledged seq {seq} lost or changed");
         }
+        // The stored chain is exactly the fold of the surviving events from genesis.
+        for event in &events[folded.len().min(events.len())..] {
+            let before = folded.last().copied().unwrap_or_else(|| ChainHash::genesis(&device));
+            folded.push(before.next(event));
+        }
+        let chains = store.chains_from(Seq::FIRST, usize::MAX >> 1).unwrap();
+        assert_eq!(chains.len(), events.len(), "kill {kill}");
+        for ((seq, chain), expected) in chains.iter().zip(&folded) {
+            assert_eq!(chain.as_ref(), Some(expected), "kill {kill}: chain of seq {seq} is not the fold of the events");
+        }
+        let head = folded.last().copied().unwrap_or_else(|| ChainHash::genesis(&device));
+        assert_eq!(store.chain_head(&device), Some(head), "kill {kill}: chain head");
         // Values are recorded in the order they were fed, each at most once.
         let values: Vec<u64> = held.values().copied().collect();
         assert!(values.windows(2).all(|pair| pair[0] < pair[1]), "kill {kill}: values out of order or duplicated");

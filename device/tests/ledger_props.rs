@@ -4,7 +4,10 @@
 //! Invariants checked after every step: held seqs are one contiguous run ending at `high`;
 //! `high` never decreases; the byte budget holds; every acknowledged event is held with its value
 //! unless it was committed, custody-acknowledged, or (under `drop-oldest`) named by a gap event;
-//! a restart changes nothing observable and the clock never goes back.
+//! a restart changes nothing observable and the clock never goes back; the chain stored with each
+//! held event, the chain head and the `prev` of a read from any seq equal a fresh fold of every
+//! event recorded so far, and a batch read from seq 1 (starting with the hole of what was pruned or
+//! dropped) signs and verifies.
 
 // Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -12,7 +15,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use tidesync_core::auth::{verify_batch, ChainHash, DeviceKeys, DeviceSigner};
 use tidesync_core::event::{DeviceId, Gap, Millis, Payload, SensorReading, Seq};
+use tidesync_core::ledger::Ledger;
 use tidesync_device::{DeviceStore, FullPolicy, LedgerConfig, NewEvent, StoreError};
 
 #[derive(Clone, Debug)]
@@ -51,6 +56,69 @@ struct Model {
     custody: u64,
     high: u64,
     next_value: u64,
+    /// The chain after each seq ever recorded, folded from genesis by the test.
+    chains: BTreeMap<u64, ChainHash>,
+}
+
+impl Model {
+    fn chain(&self, device: &DeviceId, seq: u64) -> ChainHash {
+        if seq == 0 {
+            return ChainHash::genesis(device);
+        }
+        self.chains[&seq]
+    }
+}
+
+/// The chain checks: see the module documentation.
+fn check_chains(
+    store: &DeviceStore,
+    model: &mut Model,
+    events: &[tidesync_core::event::Event],
+) -> Result<(), TestCaseError> {
+    let device = store.device();
+    let fail = |error: &dyn std::fmt::Display| TestCaseError::fail(error.to_string());
+    for event in events {
+        let seq = event.id.seq.0;
+        if model.chains.contains_key(&seq) {
+            continue;
+        }
+        // Every seq is seen by the check after the step that recorded it.
+        let last = model.chains.keys().next_back().copied().unwrap_or(0);
+        prop_assert_eq!(seq, last + 1, "seq {} was recorded and removed unseen", seq);
+        let chain = model.chain(&device, last).next(event);
+        model.chains.insert(seq, chain);
+    }
+    let first_held = events.first().map(|event| event.id.seq.0);
+    let stored = store.chains_from(Seq::FIRST, 1 << 20).map_err(|error| fail(&error))?;
+    for (seq, chain) in &stored {
+        prop_assert_eq!(*chain, Some(model.chain(&device, seq.0)), "stored chain of seq {}", seq);
+    }
+    prop_assert_eq!(store.chain_head(&device), Some(model.chain(&device, model.high)));
+    for from in 1..=model.high {
+        let Some(batch) = store.read(&device, Seq(from), 5).map_err(|error| fail(&error))? else {
+            prop_assert!(first_held.is_none(), "nothing read from {} although events are held", from);
+            continue;
+        };
+        let prev = batch.proof.as_ref().map(|proof| proof.prev);
+        prop_assert_eq!(prev, Some(model.chain(&device, batch.first_seq().0 - 1)), "prev of a read from {}", from);
+    }
+    // What the uplink would send from seq 1, sealed as it would, is what a cloud accepts.
+    if let Some(mut batch) = store.read(&device, Seq(1), 1 << 10).map_err(|error| fail(&error))? {
+        let signer = DeviceSigner::from_seed(device, [3; 32]);
+        let mut keys = DeviceKeys::new();
+        keys.insert(device, signer.public_key()).map_err(|error| fail(&error))?;
+        let (from, first, last) = (batch.from, batch.first_seq(), batch.last_seq());
+        if let Some(proof) = batch.proof.as_mut() {
+            let head = proof.prev.over(&batch.events);
+            proof.seals = vec![signer.seal(last, &head)];
+            if first > from {
+                proof.hole = Some(signer.hole(from, Seq(first.0 - 1), proof.prev));
+            }
+        }
+        let verified = verify_batch(&keys, &batch, None).map_err(|violation| fail(&violation))?;
+        prop_assert_eq!(verified.head, model.chain(&device, last.0));
+    }
+    Ok(())
 }
 
 fn check(store: &DeviceStore, model: &mut Model, budget_bytes: u64) -> Result<(), TestCaseError> {
@@ -90,7 +158,7 @@ fn check(store: &DeviceStore, model: &mut Model, budget_bytes: u64) -> Result<()
         }
         prop_assert_eq!(held.get(seq), Some(value), "acknowledged seq {} lost", seq);
     }
-    Ok(())
+    check_chains(store, model, &events)
 }
 
 fn run(ops: Vec<Op>, policy: FullPolicy, budget_events: u64) -> Result<(), TestCaseError> {
@@ -100,8 +168,15 @@ fn run(ops: Vec<Op>, policy: FullPolicy, budget_events: u64) -> Result<(), TestC
     let budget_bytes = budget_events * reading(0).cost_bytes();
     let config = LedgerConfig { budget_bytes, full_policy: policy, ..LedgerConfig::default() };
     let mut store = DeviceStore::create(&path, device, config.clone()).expect("create");
-    let mut model =
-        Model { acknowledged: BTreeMap::new(), gaps: Vec::new(), committed: 0, custody: 0, high: 0, next_value: 1 };
+    let mut model = Model {
+        acknowledged: BTreeMap::new(),
+        gaps: Vec::new(),
+        committed: 0,
+        custody: 0,
+        high: 0,
+        next_value: 1,
+        chains: BTreeMap::new(),
+    };
     let mut wall = 1_000;
     for op in ops {
         wall += 7;

@@ -1,7 +1,8 @@
 //! The device uplink over real QUIC on 127.0.0.1 against test gateways built from core's
 //! `Ingest` session (the real gateway daemon is tested in the tests crate): every event arrives
 //! exactly once, custody and commit acks become watermarks and the device prunes, the shadow
-//! syncs both ways, and a device roams to another gateway when one dies mid-stream.
+//! syncs both ways, a device roams to another gateway when one dies mid-stream, and a device
+//! with a signing key seals every batch so that the relayed history verifies.
 
 // Test helpers outside #[test] functions may unwrap too: a failure there is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
-use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading};
+use tidesync_core::auth::{format_seed, verify_batch, DeviceKeys};
+use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading, Seq};
 use tidesync_core::ledger::{Ledger, MemLedger};
 use tidesync_core::net::pki::{FleetCa, Identity};
 use tidesync_core::net::quic::{CloseCode, Server, TransportLimits};
@@ -20,7 +22,7 @@ use tidesync_core::shadow::{Section, ShadowLimits};
 use tidesync_core::sync::{Ingest, MemStore, SessionConfig, SessionEvent, ShadowKeeping};
 use tidesync_core::value::Value;
 use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
-use tidesync_device::{Agent, DeviceStore, LedgerConfig};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig, SigningKey};
 use tokio::sync::watch;
 
 fn wall() -> Millis {
@@ -314,4 +316,68 @@ async fn a_device_roams_when_its_gateway_dies_mid_stream_and_nothing_is_lost_or_
     stop.send(true).unwrap();
     running.await.unwrap().unwrap();
     gateway_b.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_device_seals_every_batch_and_the_relayed_history_verifies() {
+    let fleet = Fleet::new();
+    let device = DeviceId::new("sensor-3").unwrap();
+    let upstream = upstream_store();
+    let gateway = TestGateway::start(&fleet, "gw-a", Arc::clone(&upstream));
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("sensor-3.sign.key");
+    std::fs::write(&key_path, format_seed(&[0x42; 32])).unwrap();
+    let key = SigningKey::load(&key_path).unwrap();
+    let mut keys = DeviceKeys::new();
+    keys.insert(device, key.public_key()).unwrap();
+    let agent = start_agent(&dir, device);
+    record(&agent, 1, 700);
+
+    let counters = Arc::new(UplinkCounters::default());
+    let (stop, shutdown) = watch::channel(false);
+    let running = tokio::spawn(uplink::run_with_key(
+        Arc::clone(&agent),
+        options(&fleet, device, vec![gateway.addr]),
+        Some(key.clone()),
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(4),
+        shutdown,
+    ));
+    wait_until("700 events are committed", Duration::from_secs(30), || counters.snapshot().committed_seq == 700).await;
+    // The device prunes what was committed; what it records next continues the chain from the
+    // floor it kept.
+    wait_until("the device prunes", Duration::from_secs(10), || {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || agent.status().unwrap().held_events).join().unwrap() == 0
+    })
+    .await;
+    record(&agent, 701, 50);
+    wait_until("the later events are committed", Duration::from_secs(10), || counters.snapshot().committed_seq == 750)
+        .await;
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    gateway.kill();
+    assert_eq!(counters.snapshot().unsigned_batches, 0);
+
+    // The relay kept every seal; the whole history verifies as the cloud checks it, and its head
+    // is the device's chain head.
+    let relayed =
+        upstream.lock().unwrap().store.as_ref().unwrap().ledger.read(&device, Seq(1), 10_000).unwrap().unwrap();
+    assert_eq!(relayed.events.len(), 750);
+    let proof = relayed.proof.as_ref().unwrap();
+    assert!(proof.seals.len() >= 2, "one seal per batch sent: {}", proof.seals.len());
+    let verified = verify_batch(&keys, &relayed, None).unwrap();
+    let agent_for_head = Arc::clone(&agent);
+    let head = tokio::task::spawn_blocking(move || agent_for_head.with_store(move |store| store.chain_head(&device)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(verified.head), head);
+    // Another key does not verify it, nor does an altered event.
+    let mut other_keys = DeviceKeys::new();
+    other_keys.insert(device, SigningKey::from_seed([0x43; 32]).public_key()).unwrap();
+    assert!(verify_batch(&other_keys, &relayed, None).is_err());
+    let mut altered = relayed.clone();
+    altered.events[10].event_time = Millis(altered.events[10].event_time.0 + 1);
+    assert!(verify_batch(&keys, &altered, None).is_err());
 }

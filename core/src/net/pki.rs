@@ -89,6 +89,9 @@ pub enum PkiError {
     /// A time outside what X.509 can hold.
     #[error("time {0:?} is out of range")]
     Time(Millis),
+    /// The operating system's random number generator failed.
+    #[error("the operating system's random number generator failed")]
+    Random,
 }
 
 /// A certificate with its private key, both PEM.
@@ -223,6 +226,14 @@ impl FleetCa {
         };
         Ok(params.signed_by(&self.issuer)?.pem()?)
     }
+}
+
+/// A new device signing key: a 32-byte Ed25519 seed from the operating system's random number
+/// generator (the one TLS uses). Write it with [`crate::auth::format_seed`], mode 0600.
+pub fn signing_seed() -> Result<[u8; crate::auth::SEED_BYTES], PkiError> {
+    let mut seed = [0u8; crate::auth::SEED_BYTES];
+    rustls::crypto::ring::default_provider().secure_random.fill(&mut seed).map_err(|_| PkiError::Random)?;
+    Ok(seed)
 }
 
 /// The tidesync identity a certificate (DER) names.
