@@ -42,8 +42,11 @@ const RECONNECT_MS_MAX: u64 = 60_000;
 /// A client closes a connection whose handshake has not completed after this long (the QUIC
 /// handshake timeout of a real host).
 const HANDSHAKE_MS: u64 = 20_000;
-/// Sync health: a connection that sends more shadow sync frames than this within
-/// [`SHADOW_SPIN_WINDOW_MS`] is spinning (see the report) and is replaced by a fresh one.
+/// Sync health: a connection that sends more sync frames of one shadow than this within
+/// [`SHADOW_SPIN_WINDOW_MS`] is spinning (see the report) and is replaced by a fresh one. Counted
+/// per shadow, not per connection: a gateway's connection carries the shadows of all its devices,
+/// and a fresh one legitimately sends a few frames for each (counted per connection, 50 devices
+/// per gateway tripped the watchdog on every new connection, which replaced it again: a livelock).
 const SHADOW_SPIN_FRAMES_MAX: u32 = 100;
 /// The window of [`SHADOW_SPIN_FRAMES_MAX`].
 const SHADOW_SPIN_WINDOW_MS: u64 = 60_000;
@@ -386,8 +389,8 @@ pub struct World {
     plot: Vec<PlotPoint>,
     converged_at: Option<Millis>,
     finished: bool,
-    /// Per connection: start of the current window and shadow sync frames sent in it.
-    shadow_rate: BTreeMap<u64, (Millis, u32)>,
+    /// Per connection and shadow: start of the current window and sync frames sent in it.
+    shadow_rate: BTreeMap<(u64, DeviceId), (Millis, u32)>,
     /// Connections found spinning, as (client endpoint, connection).
     spinning: Vec<(Endpoint, u64)>,
     /// Device keys, adversaries and the cloud's security events (see [`adversary`]).
@@ -790,8 +793,8 @@ impl World {
         self.digest.u64(self.now.0);
         self.digest.u64(to.code());
         self.digest.bytes(&bytes);
-        if matches!(frame, Frame::ShadowSync(_)) && self.options.spin_watchdog {
-            self.count_shadow_frame(from, conn);
+        if let (Frame::ShadowSync(sync), true) = (frame, self.options.spin_watchdog) {
+            self.count_shadow_frame(from, conn, sync.device);
         }
         let (link, direction) = self.link_of(from);
         let state = *self.link_state(link);
@@ -813,10 +816,11 @@ impl World {
         }
     }
 
-    /// Sync health: counts shadow sync frames per connection and flags a connection that spins.
-    fn count_shadow_frame(&mut self, from: Endpoint, conn: u64) {
+    /// Sync health: counts sync frames per connection and shadow, and flags a connection on
+    /// which one shadow's sync spins.
+    fn count_shadow_frame(&mut self, from: Endpoint, conn: u64, device: DeviceId) {
         let now = self.now;
-        let (window_start, n_frames) = self.shadow_rate.entry(conn).or_insert((now, 0));
+        let (window_start, n_frames) = self.shadow_rate.entry((conn, device)).or_insert((now, 0));
         if now.since(*window_start) >= SHADOW_SPIN_WINDOW_MS {
             *window_start = now;
             *n_frames = 0;
@@ -827,7 +831,7 @@ impl World {
                 Endpoint::Device(device) | Endpoint::GatewayIngest(_, device) => Endpoint::Device(device),
                 Endpoint::GatewayUplink(gateway) | Endpoint::CloudIngest(gateway) => Endpoint::GatewayUplink(gateway),
             };
-            tracing::warn!(?client, conn, "shadow sync spins: replacing the connection");
+            tracing::warn!(?client, conn, %device, "shadow sync spins: replacing the connection");
             self.spinning.push((client, conn));
         }
     }
@@ -835,7 +839,7 @@ impl World {
     /// Closes the connections found spinning; their clients connect again.
     fn replace_spinning(&mut self) {
         for (client, conn) in std::mem::take(&mut self.spinning) {
-            self.shadow_rate.remove(&conn);
+            self.shadow_rate.retain(|(counted, _), _| *counted != conn);
             match client {
                 Endpoint::Device(device) => {
                     let node = &mut self.devices[device];
@@ -1777,6 +1781,10 @@ impl World {
     }
 
     fn plot_point(&mut self) {
+        // Windows that ended would restart at the next frame anyway: forget them, so the spin
+        // counters of connections long gone do not pile up.
+        let now = self.now;
+        self.shadow_rate.retain(|_, (window_start, _)| now.since(*window_start) < SHADOW_SPIN_WINDOW_MS);
         let backlog_events = self
             .devices
             .iter()
