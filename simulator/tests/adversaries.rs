@@ -43,6 +43,9 @@ fn every_attack_is_detected_with_no_false_alarm_over_the_fixed_seeds() {
     for outcome in &outcomes {
         let security = &outcome.security;
         assert!(security.drawn.is_some(), "seed {}: no adversaries drawn", outcome.options.seed);
+        // No false alarm, in numbers: every violation answered an attack or the clone.
+        let n_violations: u64 = security.violations.values().sum();
+        assert_eq!(n_violations, security.n_detected() + security.clone_equivocations, "{outcome}");
         add(&mut made, &security.attacks);
         add(&mut examined, &security.examined);
         add(&mut detected, &security.detected);
