@@ -99,6 +99,9 @@ struct FleetArgs {
     /// (drawn per seed and printed with the faults); the checks require every attack detected.
     #[arg(long)]
     adversaries: bool,
+    /// Devices do not sign and the cloud does not verify (to measure what signatures cost).
+    #[arg(long)]
+    unsigned: bool,
     /// Print the report only (no drawn faults, no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -130,6 +133,7 @@ impl FleetArgs {
         options.duplicate_shadow_sync = self.duplicate_shadow_sync;
         options.spin_watchdog = !self.no_spin_watchdog;
         options.adversaries = self.adversaries;
+        options.unsigned = self.unsigned;
         Ok(options)
     }
 }

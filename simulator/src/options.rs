@@ -239,6 +239,9 @@ pub struct SimOptions {
     pub spin_watchdog: bool,
     /// An evil gateway and possibly a cloned device (see [`crate::world::adversary`]).
     pub adversaries: bool,
+    /// Devices do not sign and the cloud does not verify: for benchmarks that compare the cost of
+    /// signatures with the default (which signs and verifies everything).
+    pub unsigned: bool,
 }
 
 impl SimOptions {
@@ -256,6 +259,7 @@ impl SimOptions {
             duplicate_shadow_sync: false,
             spin_watchdog: true,
             adversaries: false,
+            unsigned: false,
         }
     }
 
@@ -286,6 +290,9 @@ impl SimOptions {
         }
         if self.adversaries {
             command.push_str(" --adversaries");
+        }
+        if self.unsigned {
+            command.push_str(" --unsigned");
         }
         for bug in self.bugs.names() {
             command.push_str(&format!(" --bug {bug}"));

@@ -113,3 +113,14 @@ fn an_adversarial_seed_replays_bit_for_bit() {
     assert_eq!(first, again);
     assert!(first.security.n_examined() > 0, "{first}");
 }
+
+#[test]
+fn an_unsigned_run_for_benchmarks_passes_and_sends_fewer_bytes() {
+    let signed = run(SimOptions::new(4, 2, 90 * 60_000, 3), |_, _| {});
+    let mut options = SimOptions::new(4, 2, 90 * 60_000, 3);
+    options.unsigned = true;
+    let unsigned = run(options.clone(), |_, _| {});
+    assert!(unsigned.passed(), "{unsigned}");
+    assert!(unsigned.stats.n_bytes_sent < signed.stats.n_bytes_sent, "proofs cost bytes: {unsigned}\n{signed}");
+    assert!(options.replay_command().ends_with("--unsigned"));
+}

@@ -239,6 +239,8 @@ pub(crate) struct Security {
     /// Per device index, its secret key seed (a clone has its original's).
     seeds: Vec<[u8; 32]>,
     keys: Arc<DeviceKeys>,
+    /// `--unsigned`: devices do not sign and the cloud does not verify.
+    unsigned: bool,
     adversary: Option<Adversary>,
     /// The cloned identity.
     cloned: Option<DeviceId>,
@@ -251,12 +253,15 @@ pub(crate) struct Security {
 impl Security {
     /// The uplink of device `device` (index), signing with its key.
     pub(super) fn signer(&self, device: usize, id: DeviceId) -> Option<DeviceSigner> {
+        if self.unsigned {
+            return None;
+        }
         self.seeds.get(device).map(|seed| DeviceSigner::from_seed(id, *seed))
     }
 
     /// The cloud's ingest, verifying (unless the run deliberately breaks it).
     pub(super) fn cloud_ingest(&self, ingest: Ingest, skip_verify: bool) -> Ingest {
-        if skip_verify {
+        if skip_verify || self.unsigned {
             ingest
         } else {
             ingest.verifying(self.keys.clone())
@@ -574,6 +579,7 @@ impl World {
     /// Gives every device its key and, with `--adversaries`, draws the evil gateway and the
     /// cloned device (added as one more device with its original's identity and key).
     pub(super) fn arm_security(&mut self) {
+        self.security.unsigned = self.options.unsigned;
         let mut keys_rng = ChaCha8Rng::seed_from_u64(self.options.seed);
         keys_rng.set_stream(KEY_STREAM);
         let mut keys = DeviceKeys::new();
