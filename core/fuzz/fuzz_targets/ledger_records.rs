@@ -20,7 +20,7 @@ fn check_shadow(mut shadow: Shadow, replica: &str) {
     assert_eq!(again.to_json(), view, "save and load keep the shadow");
 }
 
-fuzz_target!(|bytes: &[u8]| {
+fuzz_target!(init: tidesync_core_fuzz::tolerate_automerge_panics(), |bytes: &[u8]| {
     match ledger_input(bytes) {
         Some(LedgerInput::Event { kind, schema_version, body }) => {
             let kind = EventKind::from_tag(kind);

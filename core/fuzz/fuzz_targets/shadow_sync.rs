@@ -33,7 +33,7 @@ fn check(shadow: &mut Shadow) {
     assert_eq!(again.to_json(), view, "save and load keep the shadow");
 }
 
-fuzz_target!(|bytes: &[u8]| {
+fuzz_target!(init: tidesync_core_fuzz::tolerate_automerge_panics(), |bytes: &[u8]| {
     match shadow_input(bytes) {
         Some(ShadowInput::Fresh(message)) => {
             let mut shadow = Shadow::new(CLOUD_REPLICA, ShadowLimits::default());

@@ -416,3 +416,18 @@ pub fn all_seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("shadow_sync", seeds_shadow_sync()),
     ]
 }
+
+/// Lets panics raised inside automerge (and its `hexane` column codec) unwind to the shadow's
+/// `catch_unwind` guard, which turns them into `ShadowError::Malformed`, instead of libFuzzer's
+/// panic hook aborting on them; any other panic still aborts and is reported. Call from a
+/// target's `init`.
+pub fn tolerate_automerge_panics() {
+    let abort_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let file = info.location().map(|location| location.file()).unwrap_or_default();
+        if file.contains("/automerge-") || file.contains("/hexane-") {
+            return;
+        }
+        abort_hook(info);
+    }));
+}
