@@ -102,6 +102,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "gateway ingest vs JSON over TCP into the same spool; {events_total} events per scenario, median of {rounds}"
     );
+    let rate = load::LOAD_DEVICE_RATE;
+    println!(
+        "gateway per-device rate limit: {} (device_events_per_s = {}, device_burst_events = {}; the production \
+         default is 100/s, burst 100)",
+        if rate.is_unlimited() { "off" } else { "on" },
+        rate.events_per_s,
+        rate.burst_events
+    );
     println!(
         "{:>8} {:>14} {:>14} {:>7} {:>14} {:>11} {:>11} {:>11} {:>13} {:>10}",
         "devices",

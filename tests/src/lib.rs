@@ -21,6 +21,7 @@ use tidesync_core::ledger::{Ledger, MemLedger};
 use tidesync_core::net::pki::{self, FleetCa, Identity};
 use tidesync_core::net::quic::{Client, CloseCode, Server, TransportLimits};
 use tidesync_core::net::tls::Credentials;
+use tidesync_core::rate::RateLimit;
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::sync::{Ingest, MemStore, SessionConfig, SessionEvent, ShadowKeeping, Uplink};
 use tidesync_core::wire::Frame;
@@ -100,9 +101,12 @@ impl Fleet {
         let text = format!(
             "gateway = \"{gateway}\"\nlisten = \"{listen}\"\n{metrics}spool = \"spool.db\"\nspool_budget_bytes = {budget}\n\
              [tls]\nca = \"ca.pem\"\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n{crl}\
-             [limits]\nretransmit_ms = 1000\nfull_retry_after_ms = 200\n{upstream}",
+             [limits]\nretransmit_ms = 1000\nfull_retry_after_ms = 200\n\
+             device_events_per_s = {rate}\ndevice_burst_events = {burst}\n{upstream}",
             listen = settings.listen,
             budget = settings.spool_budget_bytes,
+            rate = settings.device_rate.events_per_s,
+            burst = settings.device_rate.burst_events,
         );
         let path = dir.join("gateway.toml");
         std::fs::write(&path, text)?;
@@ -149,6 +153,10 @@ pub struct GatewaySettings {
     pub spool_budget_bytes: u64,
     /// The fleet revocation list the gateway loads (none: no list).
     pub crl_pem: Option<String>,
+    /// Each device's rate limit at the gateway. Tests of the data path send thousands of events
+    /// in seconds, so they run without one (`RateLimit::UNLIMITED`, written out as
+    /// `device_events_per_s = 0`); the rate-limit tests set theirs.
+    pub device_rate: RateLimit,
 }
 
 impl Default for GatewaySettings {
@@ -159,6 +167,7 @@ impl Default for GatewaySettings {
             upstream: None,
             spool_budget_bytes: 1 << 30,
             crl_pem: None,
+            device_rate: RateLimit::UNLIMITED,
         }
     }
 }
@@ -189,6 +198,8 @@ pub struct CloudState {
     pub n_new: BTreeMap<DeviceId, u64>,
     /// Events received in batches, duplicates included.
     pub n_received: u64,
+    /// Batches refused because their proof did not verify (a verifying cloud only).
+    pub violations: Vec<(DeviceId, Option<GatewayId>, tidesync_core::auth::Violation)>,
 }
 
 /// A cloud peer for tests: core's `Ingest::for_cloud` over a `MemStore`, acknowledging commit as
@@ -201,16 +212,42 @@ pub struct TestCloud {
     addr: SocketAddr,
 }
 
+/// The device keys a test cloud verifies batches with (none: it takes them unverified).
+type Keys = Option<Arc<tidesync_core::auth::DeviceKeys>>;
+
 impl TestCloud {
     /// Starts a cloud at `addr` with fresh state.
     pub fn start(fleet: &mut Fleet, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(fleet, addr, Self::fresh_state())
+    }
+
+    /// Starts a cloud at `addr` with fresh state that verifies every batch against `keys`
+    /// (core's `Ingest::verifying`): batches that fail are refused and recorded in
+    /// [`CloudState::violations`], and the gateway is told to hold them.
+    pub fn start_verifying(
+        fleet: &mut Fleet,
+        addr: SocketAddr,
+        keys: Arc<tidesync_core::auth::DeviceKeys>,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(fleet, addr, Self::fresh_state(), Some(keys))
+    }
+
+    fn fresh_state() -> Arc<Mutex<CloudState>> {
         let store = MemStore::new("cloud", MemLedger::new(), ShadowKeeping::All, ShadowLimits::default());
-        let state = Arc::new(Mutex::new(CloudState { store, n_new: BTreeMap::new(), n_received: 0 }));
-        Self::start_with(fleet, addr, state)
+        Arc::new(Mutex::new(CloudState { store, n_new: BTreeMap::new(), n_received: 0, violations: Vec::new() }))
     }
 
     /// Starts a cloud at `addr` over existing state (a cloud that comes back).
     pub fn start_with(fleet: &mut Fleet, addr: SocketAddr, state: Arc<Mutex<CloudState>>) -> anyhow::Result<Self> {
+        Self::start_inner(fleet, addr, state, None)
+    }
+
+    fn start_inner(
+        fleet: &mut Fleet,
+        addr: SocketAddr,
+        state: Arc<Mutex<CloudState>>,
+        keys: Keys,
+    ) -> anyhow::Result<Self> {
         let credentials = fleet.credentials(Identity::Cloud)?;
         let server = Arc::new(Server::bind(addr, &credentials, TransportLimits::default())?);
         let addr = server.local_addr()?;
@@ -218,7 +255,7 @@ impl TestCloud {
         let serving = Arc::clone(&state);
         tokio::spawn(async move {
             while let Some(pending) = accepting.accept().await {
-                tokio::spawn(serve_gateway(pending, Arc::clone(&serving)));
+                tokio::spawn(serve_gateway(pending, Arc::clone(&serving), keys.clone()));
             }
         });
         Ok(Self { state, server, addr })
@@ -246,12 +283,15 @@ impl TestCloud {
     }
 }
 
-async fn serve_gateway(pending: tidesync_core::net::quic::Pending, state: Arc<Mutex<CloudState>>) {
+async fn serve_gateway(pending: tidesync_core::net::quic::Pending, state: Arc<Mutex<CloudState>>, keys: Keys) {
     let Ok(link) = pending.establish().await else { return };
     let Identity::Gateway(gateway) = link.peer() else { return };
     let Ok(stream) = link.accept_stream(&TransportLimits::default()).await else { return };
     let (mut sender, mut receiver) = stream.split();
     let mut ingest = Ingest::for_cloud(gateway, test_session_config(), wall_now());
+    if let Some(keys) = keys {
+        ingest = ingest.verifying(keys);
+    }
     loop {
         let wait =
             ingest.poll_timeout().map_or(Duration::from_secs(1), |at| Duration::from_millis(at.since(wall_now())));
@@ -271,11 +311,17 @@ async fn serve_gateway(pending: tidesync_core::net::quic::Pending, state: Arc<Mu
                 None => ingest.handle_timeout(now),
             }
             while let Some(event) = ingest.poll_event() {
-                if let SessionEvent::EventsReceived(batch) = event {
-                    cloud.n_received += batch.events.len() as u64;
-                    let Ok(appended) = cloud.store.append(&batch) else { continue };
-                    *cloud.n_new.entry(batch.device).or_default() += appended.n_new as u64;
-                    ingest.handle_durable(now, batch.device, appended.high);
+                match event {
+                    SessionEvent::EventsReceived(batch) => {
+                        cloud.n_received += batch.events.len() as u64;
+                        let Ok(appended) = cloud.store.append(&batch) else { continue };
+                        *cloud.n_new.entry(batch.device).or_default() += appended.n_new as u64;
+                        ingest.handle_durable(now, batch.device, appended.high);
+                    }
+                    SessionEvent::Violation { device, gateway, violation } => {
+                        cloud.violations.push((device, gateway, violation));
+                    }
+                    _ => {}
                 }
             }
             while let Some(frame) = ingest.poll_transmit(now, &mut cloud.store) {
@@ -320,9 +366,50 @@ pub struct DeviceProgress {
     pub error: Option<String>,
 }
 
+/// How a test device's sessions are made: core's `Uplink::for_device` with `config`, sealing its
+/// batches when it has a signing key (the seed of its Ed25519 key).
+#[derive(Clone, Debug)]
+pub struct DeviceSession {
+    /// Session settings.
+    pub config: SessionConfig,
+    /// The device's signing key seed (none: the device sends unsigned).
+    pub signing_seed: Option<[u8; 32]>,
+}
+
+impl Default for DeviceSession {
+    fn default() -> Self {
+        Self { config: test_session_config(), signing_seed: None }
+    }
+}
+
+impl DeviceSession {
+    fn uplink(&self, device: DeviceId) -> Uplink {
+        let uplink = Uplink::for_device(device, self.config.clone(), wall_now());
+        match self.signing_seed {
+            Some(seed) => uplink.signing(tidesync_core::auth::DeviceSigner::from_seed(device, seed)),
+            None => uplink,
+        }
+    }
+}
+
 /// Runs one device session against the gateway at `addr` until `done` holds, the session ends
 /// (an error, or the connection dropped: returned as is), or `timeout` passes (an error).
 pub async fn sync_device(
+    store: &mut MemStore,
+    device: DeviceId,
+    client: &Client,
+    addr: SocketAddr,
+    progress: &mut DeviceProgress,
+    done: impl Fn(&MemStore, &DeviceProgress) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    sync_device_with(&DeviceSession::default(), store, device, client, addr, progress, done, timeout).await
+}
+
+/// [`sync_device`] with the session made as `session` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn sync_device_with(
+    session: &DeviceSession,
     store: &mut MemStore,
     device: DeviceId,
     client: &Client,
@@ -335,7 +422,7 @@ pub async fn sync_device(
     let link = client.connect(addr, pki::GATEWAY_SERVER_NAME, 5_000).await?;
     let stream = link.open_stream(&TransportLimits::default()).await?;
     let (mut sender, mut receiver) = stream.split();
-    let mut uplink = Uplink::for_device(device, test_session_config(), wall_now());
+    let mut uplink = session.uplink(device);
     loop {
         let now = wall_now();
         while let Some(frame) = uplink.poll_transmit(now, store)? {
@@ -398,13 +485,28 @@ pub async fn sync_device_until(
     done: impl Fn(&MemStore, &DeviceProgress) -> bool + Copy,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    sync_device_until_with(&DeviceSession::default(), store, device, client, addr, progress, done, timeout).await
+}
+
+/// [`sync_device_until`] with the sessions made as `session` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn sync_device_until_with(
+    session: &DeviceSession,
+    store: &mut MemStore,
+    device: DeviceId,
+    client: &Client,
+    addr: SocketAddr,
+    progress: &mut DeviceProgress,
+    done: impl Fn(&MemStore, &DeviceProgress) -> bool + Copy,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!("device {device} did not finish in {timeout:?}: {progress:?}");
         }
-        match sync_device(store, device, client, addr, progress, done, left).await {
+        match sync_device_with(session, store, device, client, addr, progress, done, left).await {
             Ok(true) => return Ok(()),
             Ok(false) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -31,6 +31,9 @@ use crate::{device_store, wall_now, Fleet};
 const CONNECTS_IN_FLIGHT_MAX: usize = 64;
 /// Error messages kept in a report.
 const ERRORS_KEPT_MAX: usize = 8;
+/// The per-device rate limit of the gateway a load run starts: none, so that the run measures
+/// the gateway's throughput rather than the limit.
+pub const LOAD_DEVICE_RATE: tidesync_core::rate::RateLimit = tidesync_core::rate::RateLimit::UNLIMITED;
 
 /// What a load run does.
 #[derive(Clone, Debug)]
@@ -382,6 +385,9 @@ pub async fn run_with_gateway(dir: &std::path::Path, options: &LoadOptions) -> a
     let settings = crate::GatewaySettings {
         upstream: cloud.as_ref().map(crate::TestCloud::addr),
         metrics_listen: None,
+        // The run measures the ingest ceiling: no per-device rate limit (the production default,
+        // 100 events/s per device, would make it measure the limit instead).
+        device_rate: LOAD_DEVICE_RATE,
         ..crate::GatewaySettings::default()
     };
     let gateway = tidesync_core::event::GatewayId::new("load-gw").context("gateway name")?;

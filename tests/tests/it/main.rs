@@ -8,6 +8,7 @@ mod gateway_security;
 mod load;
 mod roaming;
 mod roaming_spool_drain;
+mod security;
 mod tls_refusals;
 
 use std::path::Path;
