@@ -65,14 +65,15 @@ enum PkiCommand {
         dir: PathBuf,
         #[command(flatten)]
         holder: HolderArgs,
-        /// Output prefix: writes PREFIX.pem and PREFIX.key.
+        /// Output prefix: writes PREFIX.pem and PREFIX.key, and for a device also its event
+        /// signing key PREFIX.sign.key (registered in DIR/device-keys.txt).
         #[arg(long)]
         out: PathBuf,
         /// Validity.
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
-    /// Revoke a certificate and rewrite crl.pem.
+    /// Revoke a certificate and rewrite crl.pem; a device's signing keys are revoked with it.
     Revoke {
         /// The CA directory.
         #[arg(long)]
@@ -86,6 +87,29 @@ enum PkiCommand {
         /// Revocation list validity.
         #[arg(long, default_value_t = 30)]
         crl_days: u64,
+    },
+    /// Make a new event signing key for a device (PREFIX.sign.key); its old keys stay active
+    /// until `revoke-key`.
+    RotateKey {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The device.
+        device: DeviceId,
+        /// Output prefix: writes PREFIX.sign.key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a device's event signing keys in DIR/device-keys.txt: all, or the one given.
+    RevokeKey {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The device.
+        device: DeviceId,
+        /// Only this public key (64 hex digits).
+        #[arg(long)]
+        public: Option<String>,
     },
 }
 
@@ -131,6 +155,10 @@ where
         }
         Command::Pki(PkiCommand::Revoke { dir, serial, cert, crl_days }) => {
             pki_cli::revoke(&dir, serial, cert.as_deref(), crl_days).map(drop)
+        }
+        Command::Pki(PkiCommand::RotateKey { dir, device, out }) => pki_cli::rotate_key(&dir, device, &out).map(drop),
+        Command::Pki(PkiCommand::RevokeKey { dir, device, public }) => {
+            pki_cli::revoke_key(&dir, device, public.as_deref()).map(drop)
         }
     }
 }
