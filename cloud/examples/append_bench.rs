@@ -1,12 +1,29 @@
-//! Durable append throughput of the cloud store with dedupe, beside a raw baseline (plain
-//! INSERTs of the same rows in transactions of the same size, same durability), and projection
-//! catch-up rate. `cargo run --release -p tidesync-cloud --example append_bench -- [N_EVENTS]`;
-//! PostgreSQL too when `TIDESYNC_TEST_POSTGRES_URL` is set.
+//! Durable append throughput of the cloud store with dedupe, beside a raw baseline in the same
+//! run, and projection catch-up rate.
+//!
+//! ```text
+//! cargo run --release -p tidesync-cloud --example append_bench -- [N_EVENTS] [--rounds R]
+//!     [--commit-events C] [--only sqlite|postgres]
+//! ```
+//!
+//! PostgreSQL runs too when `TIDESYNC_TEST_POSTGRES_URL` is set.
+//!
+//! Workload: 10 devices, batches of 1,000 readings each as gateways deliver them; `C` events per
+//! commit (default 1,000: one batch per transaction). The store path is `CloudStore::append_from`
+//! then `commit` (what `tidesync-cloud run` does per group commit): dedupe by event id, stream
+//! bookkeeping, writer lock, global positions.
+//!
+//! The baseline is plain INSERTs of the same rows into the *same* table with the *same* indexes
+//! (the store creates the schema in a fresh file or schema), with the same connection settings and
+//! durability, the same rows per transaction and the same insert technique (multi-row statements
+//! of the same sizes on SQLite, one `UNNEST` statement per batch on PostgreSQL) — only without
+//! dedupe, stream bookkeeping and the writer lock. The two run alternately, each on fresh tables,
+//! for `R` rounds (default 5); the medians are printed last.
 
 use std::time::Instant;
 
 use tidesync_cloud::projection::{builtin, Runner};
-use tidesync_cloud::store::{Backend, CloudStore, IngestMeta};
+use tidesync_cloud::store::{postgres::PostgresStore, sqlite, Backend, CloudStore, IngestMeta};
 use tidesync_core::event::{DeviceId, Event, EventId, GatewayId, Hlc, Millis, Payload, SensorReading, Seq};
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
@@ -14,9 +31,37 @@ use tidesync_core::wire::EventBatch;
 const BATCH_EVENTS: u64 = 1_000;
 const DEVICES: u64 = 10;
 
-fn batches(n_events: u64) -> anyhow::Result<Vec<EventBatch>> {
-    let per_device = n_events / DEVICES;
-    let mut out = Vec::new();
+struct Options {
+    n_events: u64,
+    rounds: usize,
+    commit_events: u64,
+    only: Option<String>,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut options = Options { n_events: 200_000, rounds: 5, commit_events: BATCH_EVENTS, only: None };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
+        match arg.as_str() {
+            "--rounds" => options.rounds = value()?.parse()?,
+            "--commit-events" => options.commit_events = value()?.parse()?,
+            "--only" => options.only = Some(value()?),
+            number => options.n_events = number.parse()?,
+        }
+    }
+    anyhow::ensure!(options.rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!(
+        options.commit_events >= BATCH_EVENTS && options.commit_events % BATCH_EVENTS == 0,
+        "--commit-events must be a multiple of {BATCH_EVENTS}"
+    );
+    Ok(options)
+}
+
+/// The batches, grouped per commit.
+fn workload(options: &Options) -> anyhow::Result<Vec<Vec<EventBatch>>> {
+    let per_device = options.n_events / DEVICES;
+    let mut batches = Vec::new();
     for first in (1..=per_device).step_by(BATCH_EVENTS as usize) {
         for device_index in 0..DEVICES {
             let device = DeviceId::new(&format!("dev-{device_index}"))?;
@@ -33,97 +78,148 @@ fn batches(n_events: u64) -> anyhow::Result<Vec<EventBatch>> {
                     }),
                 })
                 .collect();
-            out.push(EventBatch::new(device, Seq(first), events)?);
+            batches.push(EventBatch::new(device, Seq(first), events)?);
         }
     }
-    Ok(out)
+    let per_commit = (options.commit_events / BATCH_EVENTS) as usize;
+    Ok(batches.chunks(per_commit).map(<[EventBatch]>::to_vec).collect())
 }
 
-fn p99(mut latencies_us: Vec<u64>) -> f64 {
-    latencies_us.sort_unstable();
-    let index = (latencies_us.len() * 99 / 100).min(latencies_us.len().saturating_sub(1));
-    latencies_us.get(index).copied().unwrap_or(0) as f64 / 1_000.0
+fn n_events_of(groups: &[Vec<EventBatch>]) -> u64 {
+    groups.iter().flatten().map(|batch| batch.events.len() as u64).sum()
 }
 
-/// Appends every batch with one commit each; returns (events offered per second, new events,
-/// p99 commit latency in ms).
-fn store_run(backend: &Backend, batches: &[EventBatch]) -> anyhow::Result<(f64, u64, f64)> {
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    let index = ((sorted.len() as f64 * fraction) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or(0.0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    percentile(&values, 0.5)
+}
+
+/// One store run: events offered per second, new events, p99 commit latency (ms).
+struct StoreRun {
+    rate: f64,
+    n_new: u64,
+    p99_ms: f64,
+}
+
+/// Appends every group and commits it, as the ingest loop does.
+fn store_run(backend: &Backend, groups: &[Vec<EventBatch>]) -> anyhow::Result<StoreRun> {
     let mut store = CloudStore::open(backend.open_writer()?, ShadowLimits::default())?;
     let meta = IngestMeta { gateway: GatewayId::new("gw")?, ingest_time: Millis(1) };
+    let mut latencies_ms = Vec::with_capacity(groups.len());
+    let mut n_new = 0u64;
     let started = Instant::now();
-    let mut latencies = Vec::new();
-    let (mut n_offered, mut n_new) = (0u64, 0u64);
-    for batch in batches {
+    for group in groups {
         let commit_started = Instant::now();
-        n_new += store.append_from(batch, &meta)?.n_new as u64;
-        n_offered += batch.events.len() as u64;
+        for batch in group {
+            n_new += store.append_from(batch, &meta)?.n_new as u64;
+        }
         store.commit()?;
-        latencies.push(commit_started.elapsed().as_micros() as u64);
+        latencies_ms.push(commit_started.elapsed().as_secs_f64() * 1_000.0);
     }
-    Ok((n_offered as f64 / started.elapsed().as_secs_f64(), n_new, p99(latencies)))
+    let rate = n_events_of(groups) as f64 / started.elapsed().as_secs_f64();
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(StoreRun { rate, n_new, p99_ms: percentile(&latencies_ms, 0.99) })
 }
 
-fn raw_sqlite(path: &std::path::Path, batches: &[EventBatch]) -> anyhow::Result<f64> {
+/// The store's multi-row insert, minus `ON CONFLICT`: the same columns, chunk sizes and binds.
+fn raw_insert_sql(n_rows: usize) -> String {
+    let row = "(?,?,?,?,?,?,?,?,?,?)";
+    let rows = vec![row; n_rows].join(",");
+    format!(
+        "INSERT INTO events (device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, \
+         gateway, ingest_ms) VALUES {rows}"
+    )
+}
+
+fn raw_sqlite(path: &std::path::Path, groups: &[Vec<EventBatch>]) -> anyhow::Result<f64> {
+    // The store creates its schema (same table, same indexes), then plain INSERTs fill it.
+    drop(sqlite::SqliteStore::open(path)?);
     let db = rusqlite::Connection::open(path)?;
-    db.pragma_update(None, "journal_mode", "WAL")?;
-    db.pragma_update(None, "synchronous", "FULL")?;
-    db.execute_batch(
-        "CREATE TABLE raw (position INTEGER PRIMARY KEY, device TEXT, seq INTEGER, hlc INTEGER, t INTEGER, kind INTEGER, v INTEGER, body BLOB, gateway TEXT, ingest INTEGER)",
-    )?;
+    for (name, value) in sqlite::WRITER_PRAGMAS {
+        db.pragma_update(None, name, value)?;
+    }
+    db.set_prepared_statement_cache_capacity(64);
+    let mut body = Vec::new();
     let started = Instant::now();
-    let mut n = 0u64;
-    for batch in batches {
+    for group in groups {
         db.execute_batch("BEGIN")?;
-        {
-            let mut insert = db.prepare_cached("INSERT INTO raw VALUES (NULL, ?1, ?2, ?3, ?4, 1, 1, ?5, 'gw', 1)")?;
-            for event in &batch.events {
-                let mut body = Vec::new();
-                event.payload.encode_body(&mut body);
-                insert.execute(rusqlite::params![
-                    event.id.device.as_str(),
-                    event.id.seq.0 as i64,
-                    event.hlc.wall_ms as i64,
-                    event.event_time.0 as i64,
-                    body
-                ])?;
-                n += 1;
+        for batch in group {
+            let mut rest: &[Event] = &batch.events;
+            while !rest.is_empty() {
+                let n_rows = sqlite::INSERT_CHUNK_ROWS.iter().copied().find(|n| *n <= rest.len()).unwrap_or(1);
+                let (chunk, tail) = rest.split_at(n_rows);
+                let mut insert = db.prepare_cached(&raw_insert_sql(n_rows))?;
+                let mut index = 1;
+                for event in chunk {
+                    body.clear();
+                    event.payload.encode_body(&mut body);
+                    insert.raw_bind_parameter(index, event.id.device.as_str())?;
+                    insert.raw_bind_parameter(index + 1, event.id.seq.0 as i64)?;
+                    insert.raw_bind_parameter(index + 2, event.hlc.wall_ms as i64)?;
+                    insert.raw_bind_parameter(index + 3, i64::from(event.hlc.logical))?;
+                    insert.raw_bind_parameter(index + 4, event.event_time.0 as i64)?;
+                    insert.raw_bind_parameter(index + 5, i64::from(event.kind().tag()))?;
+                    insert.raw_bind_parameter(index + 6, i64::from(event.schema_version()))?;
+                    insert.raw_bind_parameter(index + 7, body.as_slice())?;
+                    insert.raw_bind_parameter(index + 8, "gw")?;
+                    insert.raw_bind_parameter(index + 9, 1i64)?;
+                    index += 10;
+                }
+                insert.raw_execute()?;
+                rest = tail;
             }
         }
         db.execute_batch("COMMIT")?;
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok(n_events_of(groups) as f64 / started.elapsed().as_secs_f64())
 }
 
-fn raw_postgres(url: &str, batches: &[EventBatch]) -> anyhow::Result<f64> {
+fn raw_postgres(url: &str, schema: &str, groups: &[Vec<EventBatch>]) -> anyhow::Result<f64> {
+    drop(PostgresStore::open(url, schema)?);
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
-    client.batch_execute("DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (position BIGSERIAL PRIMARY KEY, device TEXT, seq BIGINT, hlc BIGINT, t BIGINT, body BYTEA, gateway TEXT, ingest BIGINT)")?;
+    client.batch_execute(&format!("SET search_path TO {schema}"))?;
+    let insert = client.prepare(
+        "INSERT INTO events
+         (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
+         SELECT *, $10::TEXT, $11::BIGINT FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[],
+                                        $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[])",
+    )?;
+    let mut position = 0i64;
     let started = Instant::now();
-    let mut n = 0u64;
-    for batch in batches {
-        let mut devices = Vec::new();
-        let mut seqs = Vec::new();
-        let mut hlcs = Vec::new();
-        let mut times = Vec::new();
-        let mut bodies = Vec::new();
-        for event in &batch.events {
-            let mut body = Vec::new();
-            event.payload.encode_body(&mut body);
-            devices.push(event.id.device.as_str().to_string());
-            seqs.push(event.id.seq.0 as i64);
-            hlcs.push(event.hlc.wall_ms as i64);
-            times.push(event.event_time.0 as i64);
-            bodies.push(body);
-            n += 1;
-        }
+    for group in groups {
         let mut transaction = client.transaction()?;
-        transaction.execute(
-            "INSERT INTO bench_raw (device, seq, hlc, t, body, gateway, ingest) SELECT d, s, h, t, b, 'gw', 1 FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BYTEA[]) AS x(d, s, h, t, b)",
-            &[&devices, &seqs, &hlcs, &times, &bodies],
-        )?;
+        for batch in group {
+            let n = batch.events.len();
+            let (mut positions, mut devices, mut seqs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+            let (mut walls, mut logicals, mut times) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+            let (mut kinds, mut versions, mut bodies) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+            for event in &batch.events {
+                let mut body = Vec::new();
+                event.payload.encode_body(&mut body);
+                position += 1;
+                positions.push(position);
+                devices.push(event.id.device.as_str());
+                seqs.push(event.id.seq.0 as i64);
+                walls.push(event.hlc.wall_ms as i64);
+                logicals.push(i64::from(event.hlc.logical));
+                times.push(event.event_time.0 as i64);
+                kinds.push(i64::from(event.kind().tag()));
+                versions.push(i64::from(event.schema_version()));
+                bodies.push(body);
+            }
+            transaction.execute(
+                &insert,
+                &[&positions, &devices, &seqs, &walls, &logicals, &times, &kinds, &versions, &bodies, &"gw", &1i64],
+            )?;
+        }
         transaction.commit()?;
     }
-    client.batch_execute("DROP TABLE bench_raw")?;
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok(n_events_of(groups) as f64 / started.elapsed().as_secs_f64())
 }
 
 fn catch_up(backend: &Backend) -> anyhow::Result<f64> {
@@ -133,34 +229,97 @@ fn catch_up(backend: &Backend) -> anyhow::Result<f64> {
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-fn main() -> anyhow::Result<()> {
-    let n_events: u64 = std::env::args().nth(1).map(|arg| arg.parse()).transpose()?.unwrap_or(200_000);
-    let batches = batches(n_events)?;
-    let dir = tempfile::tempdir()?;
-    let backend = Backend::Sqlite { path: dir.path().join("cloud.sqlite3") };
-    let raw = raw_sqlite(&dir.path().join("raw.sqlite3"), &batches)?;
-    let (store, n_new, p99_ms) = store_run(&backend, &batches)?;
-    let (again, n_again, _) = store_run(&backend, &batches)?;
-    let projections = catch_up(&backend)?;
-    println!(
-        "sqlite: store {store:.0} events/s ({n_new} new, p99 commit {p99_ms:.2} ms), raw {raw:.0} rows/s, \
-         ratio {:.2}; replay of the same batches {again:.0} events/s ({n_again} stored again); \
-         projection catch-up {projections:.0} events/s",
-        store / raw
-    );
-    if let Ok(url) = std::env::var("TIDESYNC_TEST_POSTGRES_URL") {
-        let backend = Backend::Postgres { url: url.clone(), schema: format!("bench_{}", std::process::id()) };
-        let raw = raw_postgres(&url, &batches)?;
-        let (store, n_new, p99_ms) = store_run(&backend, &batches)?;
-        let projections = catch_up(&backend)?;
+/// One round's figures.
+struct Round {
+    raw: f64,
+    store: StoreRun,
+    replay: StoreRun,
+    catch_up: f64,
+}
+
+fn report(name: &str, baseline: &str, rounds: &[Round]) {
+    for (index, round) in rounds.iter().enumerate() {
         println!(
-            "postgres: store {store:.0} events/s ({n_new} new, p99 commit {p99_ms:.2} ms), raw {raw:.0} rows/s, \
-             ratio {:.2}; \
-             projection catch-up {projections:.0} events/s",
-            store / raw
+            "{name} round {index}: store {:.0} events/s ({} new, p99 commit {:.2} ms), raw {:.0} rows/s, ratio {:.2}; \
+             replay {:.0} events/s ({} stored again); catch-up {:.0} events/s",
+            round.store.rate,
+            round.store.n_new,
+            round.store.p99_ms,
+            round.raw,
+            round.store.rate / round.raw,
+            round.replay.rate,
+            round.replay.n_new,
+            round.catch_up
         );
-        let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
-        client.batch_execute(&format!("DROP SCHEMA IF EXISTS bench_{} CASCADE", std::process::id()))?;
+    }
+    let store = median(rounds.iter().map(|round| round.store.rate).collect());
+    let raw = median(rounds.iter().map(|round| round.raw).collect());
+    let ratio = median(rounds.iter().map(|round| round.store.rate / round.raw).collect());
+    println!(
+        "{name} MEDIAN of {}: store {store:.0} events/s, p99 commit {:.2} ms; raw ({baseline}) {raw:.0} rows/s; \
+         ratio {ratio:.2} (median of per-round ratios); replay {:.0} events/s; projection catch-up {:.0} events/s",
+        rounds.len(),
+        median(rounds.iter().map(|round| round.store.p99_ms).collect()),
+        median(rounds.iter().map(|round| round.replay.rate).collect()),
+        median(rounds.iter().map(|round| round.catch_up).collect()),
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = options()?;
+    let groups = workload(&options)?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "workload: {} events, {DEVICES} devices, batches of {BATCH_EVENTS}, {} events per commit, {} rounds; \
+         load average at start: {}",
+        n_events_of(&groups),
+        options.commit_events,
+        options.rounds,
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    if options.only.as_deref().is_none_or(|only| only == "sqlite") {
+        println!("sqlite settings (store and raw): {:?}", sqlite::WRITER_PRAGMAS);
+        let mut rounds = Vec::new();
+        for index in 0..options.rounds {
+            let dir = tempfile::tempdir()?;
+            let backend = Backend::Sqlite { path: dir.path().join("cloud.sqlite3") };
+            let raw_path = dir.path().join("raw.sqlite3");
+            // Alternate the order so drift in the machine's load hits both sides alike.
+            let (raw, store) = if index % 2 == 0 {
+                let raw = raw_sqlite(&raw_path, &groups)?;
+                (raw, store_run(&backend, &groups)?)
+            } else {
+                let store = store_run(&backend, &groups)?;
+                (raw_sqlite(&raw_path, &groups)?, store)
+            };
+            let replay = store_run(&backend, &groups)?;
+            rounds.push(Round { raw, store, replay, catch_up: catch_up(&backend)? });
+        }
+        report("sqlite", "multi-row INSERTs, same table and indexes", &rounds);
+    }
+    if let (Ok(url), true) =
+        (std::env::var("TIDESYNC_TEST_POSTGRES_URL"), options.only.as_deref().is_none_or(|only| only == "postgres"))
+    {
+        let mut rounds = Vec::new();
+        for index in 0..options.rounds {
+            let store_schema = format!("bench_{}_{index}_store", std::process::id());
+            let raw_schema = format!("bench_{}_{index}_raw", std::process::id());
+            let backend = Backend::Postgres { url: url.clone(), schema: store_schema.clone() };
+            let (raw, store) = if index % 2 == 0 {
+                let raw = raw_postgres(&url, &raw_schema, &groups)?;
+                (raw, store_run(&backend, &groups)?)
+            } else {
+                let store = store_run(&backend, &groups)?;
+                (raw_postgres(&url, &raw_schema, &groups)?, store)
+            };
+            let replay = store_run(&backend, &groups)?;
+            rounds.push(Round { raw, store, replay, catch_up: catch_up(&backend)? });
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+            client.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {store_schema} CASCADE; DROP SCHEMA IF EXISTS {raw_schema} CASCADE"
+            ))?;
+        }
+        report("postgres", "UNNEST INSERT per batch, same table and indexes", &rounds);
     }
     Ok(())
 }

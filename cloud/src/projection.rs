@@ -36,43 +36,87 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
-/// A projection's rows as seen during a fold: reads fall through to the store, writes stay in
-/// memory until the runner writes them with the checkpoint.
+/// A projection's rows as seen during a fold: reads fall through to the store once per key and
+/// batch, writes stay in memory until the runner writes them with the checkpoint.
 pub struct Rows<'a> {
     writer: &'a mut dyn EventWriter,
     projection: &'a str,
-    /// Changes of the events applied so far in this batch.
-    batch: BTreeMap<String, Option<serde_json::Value>>,
-    /// Changes of the event being applied (dropped if it is rejected).
-    staged: BTreeMap<String, Option<serde_json::Value>>,
+    /// Every row read or written in this batch: its value (`None`: absent or deleted) and whether
+    /// the batch changed it.
+    cache: BTreeMap<String, CachedRow>,
+    /// For the event being applied: the entry each key had before its first change by this event
+    /// (`None`: not cached), restored if the event is rejected. Old values move in here rather
+    /// than being copied, so a fold step allocates only what it writes.
+    undo: Vec<(String, Option<CachedRow>)>,
 }
 
-impl Rows<'_> {
+struct CachedRow {
+    value: Option<serde_json::Value>,
+    changed: bool,
+}
+
+impl<'a> Rows<'a> {
+    fn new(writer: &'a mut dyn EventWriter, projection: &'a str) -> Self {
+        Self { writer, projection, cache: BTreeMap::new(), undo: Vec::new() }
+    }
+
     /// The row at `key`.
-    pub fn get(&mut self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        if let Some(value) = self.staged.get(key).or_else(|| self.batch.get(key)) {
-            return Ok(value.clone());
+    pub fn get(&mut self, key: &str) -> Result<Option<&serde_json::Value>, StoreError> {
+        if !self.cache.contains_key(key) {
+            let value = self.writer.row(self.projection, key)?;
+            // A row as stored is not a change, so it needs no undo entry.
+            self.cache.insert(key.to_string(), CachedRow { value, changed: false });
         }
-        self.writer.row(self.projection, key)
+        Ok(self.cache.get(key).and_then(|row| row.value.as_ref()))
     }
 
     /// Sets the row at `key`.
     pub fn put(&mut self, key: String, value: serde_json::Value) {
-        self.staged.insert(key, Some(value));
+        self.set(key, Some(value));
     }
 
     /// Deletes the row at `key`.
     pub fn delete(&mut self, key: String) {
-        self.staged.insert(key, None);
+        self.set(key, None);
     }
 
+    fn set(&mut self, key: String, value: Option<serde_json::Value>) {
+        let row = CachedRow { value, changed: true };
+        match self.cache.get_mut(&key) {
+            Some(cached) => {
+                let previous = std::mem::replace(cached, row);
+                self.undo.push((key, Some(previous)));
+            }
+            None => {
+                self.cache.insert(key.clone(), row);
+                self.undo.push((key, None));
+            }
+        }
+    }
+
+    /// The event's changes stand.
     fn keep(&mut self) {
-        let staged = std::mem::take(&mut self.staged);
-        self.batch.extend(staged);
+        self.undo.clear();
     }
 
+    /// The event's changes are undone (newest first, so each key ends at its state before it).
     fn discard(&mut self) {
-        self.staged.clear();
+        while let Some((key, previous)) = self.undo.pop() {
+            match previous {
+                Some(previous) => {
+                    self.cache.insert(key, previous);
+                }
+                None => {
+                    self.cache.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The rows this batch changed, in key order.
+    fn into_changes(self) -> Vec<(String, Option<serde_json::Value>)> {
+        debug_assert!(self.undo.is_empty());
+        self.cache.into_iter().filter(|(_, row)| row.changed).map(|(key, row)| (key, row.value)).collect()
     }
 }
 
@@ -105,6 +149,9 @@ pub struct Runner {
     writer: Box<dyn EventWriter>,
     projections: Vec<Box<dyn Projection>>,
     batch_events_max: usize,
+    /// Where the runner publishes the position every projection has folded up to, after each
+    /// commit (for lag measurements and waiters in this process).
+    progress: Option<Arc<HeadWatch>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -117,7 +164,13 @@ impl std::fmt::Debug for Runner {
 impl Runner {
     /// A runner of `projections` over `writer`.
     pub fn new(writer: Box<dyn EventWriter>, projections: Vec<Box<dyn Projection>>) -> Self {
-        Self { writer, projections, batch_events_max: BATCH_EVENTS_MAX }
+        Self { writer, projections, batch_events_max: BATCH_EVENTS_MAX, progress: None }
+    }
+
+    /// Publishes, after each commit, the position all projections have folded up to.
+    pub fn with_progress(mut self, progress: Arc<HeadWatch>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Sets how many events one transaction folds (smaller: shorter writer-lock holds).
@@ -171,8 +224,7 @@ impl Runner {
         for (projection, checkpoint) in selected.into_iter().zip(checkpoints) {
             let name = projection.name().to_string();
             let mut letters = Vec::new();
-            let mut rows =
-                Rows { writer: &mut *self.writer, projection: &name, batch: BTreeMap::new(), staged: BTreeMap::new() };
+            let mut rows = Rows::new(&mut *self.writer, &name);
             for event in events.iter().filter(|event| event.position > checkpoint) {
                 match projection.apply(&mut rows, event) {
                     Ok(()) => rows.keep(),
@@ -189,7 +241,7 @@ impl Runner {
                     Err(ApplyError::Store(error)) => return Err(error),
                 }
             }
-            let changed: Vec<(String, Option<serde_json::Value>)> = rows.batch.into_iter().collect();
+            let changed = rows.into_changes();
             self.writer.put_rows(&name, &changed)?;
             for letter in &letters {
                 self.writer.add_dead_letter(letter)?;
@@ -199,6 +251,10 @@ impl Runner {
             }
         }
         self.writer.commit()?;
+        if let (None, Some(progress)) = (only, &self.progress) {
+            // Every projection is at `last` or beyond now.
+            progress.publish(last);
+        }
         Ok(events.len())
     }
 
@@ -279,7 +335,21 @@ pub fn spawn(
     head: Arc<HeadWatch>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-    let runner = Runner::new(backend.open_writer()?, builtin(rules));
+    spawn_with_progress(backend, rules, head, stop, None)
+}
+
+/// [`spawn`], publishing the runner's progress to `progress` (see [`Runner::with_progress`]).
+pub fn spawn_with_progress(
+    backend: &Backend,
+    rules: Vec<AlertRule>,
+    head: Arc<HeadWatch>,
+    stop: Arc<AtomicBool>,
+    progress: Option<Arc<HeadWatch>>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let mut runner = Runner::new(backend.open_writer()?, builtin(rules));
+    if let Some(progress) = progress {
+        runner = runner.with_progress(progress);
+    }
     std::thread::Builder::new()
         .name("tidesync-projections".into())
         .spawn(move || runner.run(head, stop))

@@ -169,6 +169,9 @@ pub enum StoreError {
         #[source]
         source: Box<ShadowError>,
     },
+    /// A write of the open transaction failed, so it was rolled back instead of committed.
+    #[error("a write of this transaction failed: rolled back")]
+    Poisoned,
     /// A worker thread of the store could not start.
     #[error("cannot start a store thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -280,6 +283,15 @@ pub trait EventWriter: EventReader {
     /// Records a dead letter in the open transaction.
     fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), StoreError>;
 
+    /// Inserts `events`, which the caller has proven are not stored (it holds the writer lock and
+    /// its stream state is exact), each at the next position, without per-row conflict handling.
+    /// A stored id is still refused by the unique index: an error, never a second copy. Returns
+    /// how many were inserted and the head after. By default the same as
+    /// [`EventWriter::insert_events`].
+    fn insert_new_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
+        self.insert_events(events, meta)
+    }
+
     /// Writes `device`'s chain head (the chain value after `high`) into the open transaction.
     fn write_chain_head(&mut self, device: &DeviceId, high: Seq, chain: &ChainHash) -> Result<(), StoreError>;
 
@@ -380,6 +392,22 @@ impl HeadWatch {
     }
 }
 
+/// What one batch changes: the stream's state after it, the events that fill declared holes,
+/// how many leading events are at or below the stream's `high` (the rest are new).
+struct AppendPlan {
+    state: StreamState,
+    hole_fills: Vec<Event>,
+    n_old: usize,
+    high_before: Seq,
+    unchanged: bool,
+}
+
+impl AppendPlan {
+    fn is_empty(&self) -> bool {
+        self.unchanged
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct StreamState {
     high: Seq,
@@ -396,14 +424,27 @@ pub struct CloudStore {
     streams: BTreeMap<DeviceId, StreamState>,
     shadows: BTreeMap<DeviceId, Shadow>,
     limits: ShadowLimits,
-    /// Stream states before the open transaction, restored if it rolls back.
-    saved: Option<BTreeMap<DeviceId, StreamState>>,
+    /// While a transaction is open: the state before it of every stream it changed (`None`: the
+    /// stream is new), restored if it rolls back. Only touched streams are saved, so a group
+    /// commit costs the same with ten devices or a hundred thousand.
+    saved: Option<BTreeMap<DeviceId, Option<StreamState>>>,
     /// Head before the open transaction, and the head it will have after commit.
     head: Position,
     pending_head: Position,
     head_watch: Arc<HeadWatch>,
     /// Metadata for appends made through the `Ledger` trait.
     default_meta: IngestMeta,
+    /// The head this store committed last: if the head read under the writer lock differs,
+    /// another writer appended meanwhile and the stream states are reloaded.
+    committed_head: Position,
+    /// Whether the open transaction's stream states are proven exact (nobody else appended since
+    /// they were loaded), so fresh events are known new and are inserted without conflict checks.
+    streams_proven: bool,
+    /// Set when an insert the store proved new failed: from then on every insert checks conflicts.
+    proofs_failed: bool,
+    /// Set when a write failed inside the open transaction: the commit then rolls back instead
+    /// (PostgreSQL turns a `COMMIT` of a failed transaction into a silent rollback).
+    poisoned: bool,
     /// Per device, the hash-chain value after the seq beside it. Valid only while that seq is the
     /// stream's `high`, so an entry left ahead by a rolled-back group reads as unknown.
     chain_heads: BTreeMap<DeviceId, (Seq, ChainHash)>,
@@ -449,6 +490,10 @@ impl CloudStore {
             pending_head: head,
             head_watch: HeadWatch::new(head),
             default_meta: IngestMeta { gateway: fallback, ingest_time: Millis(0) },
+            committed_head: head,
+            streams_proven: false,
+            proofs_failed: false,
+            poisoned: false,
             chain_heads,
         })
     }
@@ -477,11 +522,41 @@ impl CloudStore {
         if self.saved.is_none() {
             let writer = self.writer.get_mut();
             writer.begin()?;
-            // Another writer (e.g. `projections rebuild`) does not append events, so the head
-            // read under the lock is ours to extend.
-            self.head = writer.head()?;
+            // The head read under the lock is ours to extend: positions only grow, so an
+            // unchanged head means no other writer appended since our last commit, and the
+            // stream states in memory are exact.
+            let head = match writer.head() {
+                Ok(head) => head,
+                Err(error) => {
+                    writer.rollback();
+                    return Err(error);
+                }
+            };
+            self.streams_proven = head == self.committed_head && !self.proofs_failed;
+            if head != self.committed_head {
+                tracing::info!(%head, committed = %self.committed_head, "another writer appended: reloading streams");
+                let reloaded = writer.streams().and_then(|streams| Ok((streams, writer.chain_heads()?)));
+                match reloaded {
+                    Ok((streams, chain_heads)) => {
+                        self.streams = streams
+                            .into_iter()
+                            .map(|(device, info)| {
+                                (device, StreamState { high: info.high, holes: info.holes.into_iter().collect() })
+                            })
+                            .collect();
+                        self.chain_heads = chain_heads;
+                        self.committed_head = head;
+                    }
+                    Err(error) => {
+                        writer.rollback();
+                        return Err(error);
+                    }
+                }
+            }
+            self.head = head;
             self.pending_head = self.head;
-            self.saved = Some(self.streams.clone());
+            self.poisoned = false;
+            self.saved = Some(BTreeMap::new());
         }
         Ok(())
     }
@@ -495,52 +570,116 @@ impl CloudStore {
     /// store covers already is skipped, events for declared holes fill them.
     pub fn append_from(&mut self, batch: &EventBatch, meta: &IngestMeta) -> Result<Appended, LedgerError> {
         batch.validate()?;
-        let mut state = self.streams.get(&batch.device).cloned().unwrap_or_default();
-        if batch.from > state.high.next() {
-            return Err(LedgerError::Hole { device: batch.device, high: state.high, from: batch.from });
+        let high_known = self.high(&batch.device);
+        if batch.from > high_known.next() {
+            return Err(LedgerError::Hole { device: batch.device, high: high_known, from: batch.from });
         }
-        let in_hole =
-            |state: &StreamState, seq: Seq| state.holes.range(..=seq).next_back().is_some_and(|(_, last)| seq <= *last);
-        let fresh: Vec<Event> = batch
-            .events
-            .iter()
-            .filter(|event| event.id.seq > state.high || in_hole(&state, event.id.seq))
-            .cloned()
-            .collect();
-        let holes_before = state.holes.clone();
-        for event in &fresh {
-            let seq = event.id.seq;
-            if seq <= state.high {
-                if let Some((first, last)) = state.holes.range(..=seq).next_back().map(|(a, b)| (*a, *b)) {
-                    state.holes.remove(&first);
-                    if first < seq {
-                        state.holes.insert(first, Seq(seq.0 - 1));
-                    }
-                    if seq < last {
-                        state.holes.insert(seq.next(), last);
-                    }
-                }
+        let mut plan = self.plan(batch);
+        if plan.is_empty() {
+            return Ok(Appended { high: plan.state.high, n_new: 0 });
+        }
+        if !self.in_transaction() {
+            self.begin().map_err(storage)?;
+            // `begin` reloads the streams when another writer appended: plan again on them (a
+            // stream's high only grows, so the hole check above still holds).
+            plan = self.plan(batch);
+            if plan.is_empty() {
+                return Ok(Appended { high: plan.state.high, n_new: 0 });
             }
         }
-        let high_before = state.high;
+        let suffix = &batch.events[plan.n_old..];
+        let written = self.write_append(batch, &plan.state, &plan.hole_fills, suffix, plan.high_before, meta);
+        let (n_filled, n_appended) = written.map_err(|error| {
+            // The group must not commit: part of this batch may be written, and PostgreSQL
+            // would turn the COMMIT of its failed transaction into a silent rollback.
+            self.poisoned = true;
+            storage(error)
+        })?;
+        let high = plan.state.high;
+        let previous = self.streams.insert(batch.device, plan.state);
+        if let Some(saved) = self.saved.as_mut() {
+            saved.entry(batch.device).or_insert(previous);
+        }
+        Ok(Appended { high, n_new: n_filled + n_appended })
+    }
+
+    /// What appending `batch` changes, against the stream states in memory.
+    fn plan(&self, batch: &EventBatch) -> AppendPlan {
+        let state_before = self.streams.get(&batch.device);
+        let high_before = state_before.map_or(Seq::ZERO, |state| state.high);
+        let mut state = state_before.cloned().unwrap_or_default();
+        let in_hole =
+            |state: &StreamState, seq: Seq| state.holes.range(..=seq).next_back().is_some_and(|(_, last)| seq <= *last);
+        // The batch is contiguous, so the events above `high` are a suffix of it; only events at
+        // or below `high` can fill a declared hole. In the common case (no holes) the fresh
+        // events are that suffix and are not copied.
+        let n_old = batch.events.partition_point(|event| event.id.seq <= state.high);
+        let hole_fills: Vec<Event> = if state.holes.is_empty() {
+            Vec::new()
+        } else {
+            batch.events[..n_old].iter().filter(|event| in_hole(&state, event.id.seq)).cloned().collect()
+        };
+        let mut holes_changed = false;
+        for event in &hole_fills {
+            let seq = event.id.seq;
+            if let Some((first, last)) = state.holes.range(..=seq).next_back().map(|(a, b)| (*a, *b)) {
+                state.holes.remove(&first);
+                if first < seq {
+                    state.holes.insert(first, Seq(seq.0 - 1));
+                }
+                if seq < last {
+                    state.holes.insert(seq.next(), last);
+                }
+                holes_changed = true;
+            }
+        }
+        let first_seq = batch.first_seq();
         if batch.last_seq() > state.high {
-            if let Some((first, last)) = batch.after(state.high).and_then(|fresh_batch| fresh_batch.dropped()) {
-                state.holes.insert(first, last);
+            // Seqs the device declared dropped, above what the stream covers: a new hole.
+            let from_fresh = batch.from.max(state.high.next());
+            if first_seq > state.high && from_fresh < first_seq {
+                state.holes.insert(from_fresh, Seq(first_seq.0 - 1));
+                holes_changed = true;
             }
             state.high = batch.last_seq();
         }
-        if fresh.is_empty() && state.high == high_before && state.holes == holes_before {
-            return Ok(Appended { high: state.high, n_new: 0 });
-        }
-        self.begin().map_err(storage)?;
+        let unchanged =
+            hole_fills.is_empty() && n_old == batch.events.len() && state.high == high_before && !holes_changed;
+        AppendPlan { state, hole_fills, n_old, high_before, unchanged }
+    }
+
+    /// The writes of one [`CloudStore::append_from`]: its events, its stream row, its chain head.
+    /// Returns how many hole fills and how many events above `high` were new.
+    fn write_append(
+        &mut self,
+        batch: &EventBatch,
+        state: &StreamState,
+        hole_fills: &[Event],
+        suffix: &[Event],
+        high_before: Seq,
+        meta: &IngestMeta,
+    ) -> Result<(usize, usize), StoreError> {
+        let proven = self.streams_proven;
         let writer = self.writer.get_mut();
-        let (n_new, head) = writer.insert_events(&fresh, meta).map_err(storage)?;
+        // Positions follow the batch's seq order: hole fills (lower seqs) first, then the suffix.
+        let (n_filled, _) = writer.insert_events(hole_fills, meta)?;
+        let (n_appended, head) = if proven && !suffix.is_empty() {
+            match writer.insert_new_events(suffix, meta) {
+                Ok(inserted) => inserted,
+                Err(error) => {
+                    tracing::warn!(%error, "an insert proven new failed: checking conflicts from now on");
+                    self.proofs_failed = true;
+                    return Err(error);
+                }
+            }
+        } else {
+            writer.insert_events(suffix, meta)?
+        };
         self.pending_head = head;
         let holes: Vec<(Seq, Seq)> = state.holes.iter().map(|(a, b)| (*a, *b)).collect();
-        writer.write_stream(&batch.device, state.high, &holes).map_err(storage)?;
-        self.write_chain_head(batch, high_before).map_err(storage)?;
-        self.streams.insert(batch.device, state.clone());
-        Ok(Appended { high: state.high, n_new })
+        self.writer.get_mut().write_stream(&batch.device, state.high, &holes)?;
+        self.write_chain_head(batch, high_before)?;
+        Ok((n_filled, n_appended))
     }
 
     /// Writes `device`'s shadow (document and JSON view) into the open transaction.
@@ -564,18 +703,23 @@ impl CloudStore {
             return Ok(self.head);
         }
         let writer = self.writer.get_mut();
-        match writer.commit() {
+        let committed = if self.poisoned { Err(StoreError::Poisoned) } else { writer.commit() };
+        match committed {
             Ok(()) => {
                 self.saved = None;
                 self.head = self.pending_head;
+                self.committed_head = self.head;
                 self.head_watch.publish(self.head);
                 Ok(self.head)
             }
             Err(error) => {
                 tracing::error!(%error, "group commit failed; rolling back");
                 writer.rollback();
-                if let Some(saved) = self.saved.take() {
-                    self.streams = saved;
+                for (device, state) in self.saved.take().unwrap_or_default() {
+                    match state {
+                        Some(state) => self.streams.insert(device, state),
+                        None => self.streams.remove(&device),
+                    };
                 }
                 self.pending_head = self.head;
                 Err(error)

@@ -299,6 +299,105 @@ fn cloud_ingest_session_runs_on_the_store(backend: &Backend) {
     assert_eq!(all_events(backend).len(), 10);
 }
 
+fn large_batches_keep_positions_in_seq_order(backend: &Backend) {
+    // 1,000 events cross every multi-row statement size; the overlap is skipped.
+    let d = device("d1");
+    let mut store = open(backend);
+    store.append_from(&batch(d, 1, 1, 300), &meta("gw", 1)).unwrap();
+    store.commit().unwrap();
+    let events: Vec<Event> = (1..=1_000).map(|seq| reading(d, seq, 1_000 * seq, seq as f64)).collect();
+    let appended = store.append_from(&EventBatch::new(d, Seq(1), events).unwrap(), &meta("gw", 2)).unwrap();
+    assert_eq!((appended.high, appended.n_new), (Seq(1_000), 700));
+    assert_eq!(store.commit().unwrap(), Position(1_000));
+    let stored = all_events(backend);
+    let expected: Vec<(u64, String, u64)> = (1..=1_000).map(|seq| (seq, "d1".to_string(), seq)).collect();
+    assert_eq!(stored, expected);
+}
+
+fn two_writers_never_store_an_id_twice(backend: &Backend) {
+    let d = device("d1");
+    let mut first = open(backend);
+    let mut second = open(backend);
+    first.append_from(&batch(d, 1, 1, 10), &meta("gw", 1)).unwrap();
+    first.commit().unwrap();
+    // `second` still believes the stream is empty; it must notice the other writer.
+    let appended = second.append_from(&batch(d, 1, 1, 15), &meta("gw", 2)).unwrap();
+    assert_eq!((appended.high, appended.n_new), (Seq(15), 5));
+    second.commit().unwrap();
+    let appended = first.append_from(&batch(d, 10, 10, 20), &meta("gw", 3)).unwrap();
+    assert_eq!((appended.high, appended.n_new), (Seq(20), 5), "the stream's high never moves back");
+    first.commit().unwrap();
+    let seqs: Vec<u64> = all_events(backend).into_iter().map(|(_, _, seq)| seq).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+    assert_eq!(open(backend).high(&d), Seq(20));
+
+    // Now at the same time, from two threads, overlapping batches of two devices.
+    let writers: Vec<_> = (0..2)
+        .map(|thread| {
+            let backend = backend.clone();
+            std::thread::spawn(move || {
+                let mut store = open(&backend);
+                for (index, first_seq) in (21..=200).step_by(10).enumerate() {
+                    let d = device(if (index + thread) % 2 == 0 { "d1" } else { "d2" });
+                    let from = store.high(&d).0.min(first_seq) + 1;
+                    let events = (from..=first_seq + 9).map(|seq| reading(d, seq, seq, 0.0)).collect();
+                    store.append_from(&EventBatch::new(d, Seq(from), events).unwrap(), &meta("gw", 4)).unwrap();
+                    store.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let mut ids: Vec<(String, u64)> = all_events(backend).into_iter().map(|(_, d, seq)| (d, seq)).collect();
+    let n_stored = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n_stored, "an id is stored once");
+    let store = open(backend);
+    for name in ["d1", "d2"] {
+        let high = store.high(&device(name));
+        assert_eq!(high, Seq(200), "{name}: every batch reached the stream");
+        let held: Vec<u64> = ids.iter().filter(|(device, _)| device == name).map(|(_, seq)| *seq).collect();
+        assert_eq!(held, (1..=high.0).collect::<Vec<u64>>(), "{name} is contiguous");
+    }
+}
+
+fn a_failed_insert_never_commits_its_group(backend: &Backend) {
+    let d = device("d1");
+    let other = device("d2");
+    // An event written behind the store's back: its stream row does not know it.
+    let mut writer = backend.open_writer().unwrap();
+    writer.begin().unwrap();
+    writer.insert_events(&[reading(d, 5, 5_000, 5.0)], &meta("gw", 1)).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    let mut store = open(backend);
+    store.append_from(&batch(other, 1, 1, 3), &meta("gw", 2)).unwrap();
+    match store.append_from(&batch(d, 1, 1, 10), &meta("gw", 2)) {
+        // A backend that checks conflicts on every insert skips the stored one.
+        Ok(appended) => {
+            assert_eq!(appended.n_new, 9);
+            store.commit().unwrap();
+        }
+        // One that trusted the stream state fails; the whole group must roll back, and the
+        // retry checks conflicts.
+        Err(_) => {
+            assert!(store.commit().is_err(), "a group with a failed write must not commit");
+            assert_eq!(all_events(backend).len(), 1, "nothing of the failed group is stored");
+            store.append_from(&batch(other, 1, 1, 3), &meta("gw", 3)).unwrap();
+            assert_eq!(store.append_from(&batch(d, 1, 1, 10), &meta("gw", 3)).unwrap().n_new, 9);
+            store.commit().unwrap();
+        }
+    }
+    let mut seqs: Vec<(String, u64)> = all_events(backend).into_iter().map(|(_, d, seq)| (d, seq)).collect();
+    seqs.sort();
+    let mut expected: Vec<(String, u64)> = (1..=10).map(|seq| ("d1".to_string(), seq)).collect();
+    expected.extend((1..=3).map(|seq| ("d2".to_string(), seq)));
+    assert_eq!(seqs, expected);
+}
+
 fn open_failures_are_errors(backend: &Backend) {
     // Opening works twice (tables exist), and a reader of a fresh store sees an empty log.
     let _first = backend.open_writer().unwrap();
@@ -389,4 +488,7 @@ conformance!(
     projection_rows_checkpoints_and_dead_letters,
     cloud_ingest_session_runs_on_the_store,
     open_failures_are_errors,
+    large_batches_keep_positions_in_seq_order,
+    two_writers_never_store_an_id_twice,
+    a_failed_insert_never_commits_its_group,
 );

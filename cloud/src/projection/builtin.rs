@@ -69,7 +69,7 @@ impl Projection for Latest {
         let key = format!("{}|{}", id.device, reading.sensor);
         let order = (event.event.event_time.0, id.seq.0);
         if let Some(row) = rows.get(&key)? {
-            if (u64_field(&row, "event_time_ms"), u64_field(&row, "seq")) >= order {
+            if (u64_field(row, "event_time_ms"), u64_field(row, "seq")) >= order {
                 return Ok(());
             }
         }
@@ -116,16 +116,16 @@ impl Projection for Aggregates {
                         reading.unit, reading.sensor
                     )));
                 }
-                let count = u64_field(&row, "count") + 1;
-                let sum = f64_field(&row, "sum").unwrap_or(0.0) + value;
+                let count = u64_field(row, "count") + 1;
+                let sum = f64_field(row, "sum").unwrap_or(0.0) + value;
                 json!({
                     "device": device.as_str(),
                     "sensor": reading.sensor,
                     "unit": unit,
                     "bucket_ms": bucket_ms,
                     "count": count,
-                    "min": f64_field(&row, "min").unwrap_or(value).min(value),
-                    "max": f64_field(&row, "max").unwrap_or(value).max(value),
+                    "min": f64_field(row, "min").unwrap_or(value).min(value),
+                    "max": f64_field(row, "max").unwrap_or(value).max(value),
                     "sum": sum,
                     "mean": sum / count as f64,
                 })
@@ -160,18 +160,17 @@ impl Projection for Presence {
     fn apply(&self, rows: &mut Rows<'_>, event: &StoredEvent) -> Result<(), ApplyError> {
         let id = event.event.id;
         let key = id.device.to_string();
-        let previous = rows.get(&key)?.unwrap_or_else(|| json!({}));
-        rows.put(
-            key,
-            json!({
-                "device": id.device.as_str(),
-                "last_seen_ms": u64_field(&previous, "last_seen_ms").max(event.meta.ingest_time.0),
-                "gateway": event.meta.gateway.as_str(),
-                "last_event_time_ms": u64_field(&previous, "last_event_time_ms").max(event.event.event_time.0),
-                "high_seq": u64_field(&previous, "high_seq").max(id.seq.0),
-                "n_events": u64_field(&previous, "n_events") + 1,
-            }),
-        );
+        let previous = rows.get(&key)?;
+        let field = |name: &str| previous.map_or(0, |row| u64_field(row, name));
+        let row = json!({
+            "device": id.device.as_str(),
+            "last_seen_ms": field("last_seen_ms").max(event.meta.ingest_time.0),
+            "gateway": event.meta.gateway.as_str(),
+            "last_event_time_ms": field("last_event_time_ms").max(event.event.event_time.0),
+            "high_seq": field("high_seq").max(id.seq.0),
+            "n_events": field("n_events") + 1,
+        });
+        rows.put(key, row);
         Ok(())
     }
 }

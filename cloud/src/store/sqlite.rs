@@ -9,8 +9,8 @@ use tidesync_core::auth::ChainHash;
 use tidesync_core::event::{DeviceId, Event, Millis, Seq};
 
 use super::{
-    device_of, encode_event, json_of, to_i64, to_u64, DeadLetter, EventReader, EventRow, EventWriter, IngestMeta,
-    Position, ShadowRow, StoreError, StoredEvent, StreamInfo, TimeCursor,
+    device_of, json_of, to_i64, to_u64, DeadLetter, EventReader, EventRow, EventWriter, IngestMeta, Position,
+    ShadowRow, StoreError, StoredEvent, StreamInfo, TimeCursor,
 };
 
 /// `PRAGMA application_id` of a cloud store ("TSCL").
@@ -84,12 +84,49 @@ CREATE INDEX IF NOT EXISTS security_events_by_batch ON security_events (device, 
 const EVENT_COLUMNS: &str =
     "position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms";
 
+/// Settings of the writer's connection: WAL with `synchronous=FULL`, so a commit that returned
+/// is durable (the WAL is synced at every commit).
+pub const WRITER_PRAGMAS: [(&str, &str); 2] = [("journal_mode", "WAL"), ("synchronous", "FULL")];
+
+/// Rows per multi-row `INSERT` statement, largest first; a batch is cut into chunks of these
+/// sizes, so at most `INSERT_CHUNK_ROWS.len()` statements are ever prepared (and cached).
+pub const INSERT_CHUNK_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
+/// Parameters bound per inserted row (the gateway and ingest time are shared: `?1`, `?2`).
+const INSERT_PARAMS_PER_ROW: usize = 8;
+/// Prepared statements kept per connection (the insert chunks plus every read and write).
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+/// `INSERT` of `n_rows` events, skipping ids stored already. `position` is left out: it is the
+/// rowid, so each new row gets the next one.
+fn insert_sql(n_rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO events
+         (device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
+         VALUES ",
+    );
+    for row in 0..n_rows {
+        let first = 3 + row * INSERT_PARAMS_PER_ROW;
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for param in first..first + INSERT_PARAMS_PER_ROW {
+            sql.push_str(&format!("?{param},"));
+        }
+        sql.push_str("?1,?2)");
+    }
+    sql.push_str(" ON CONFLICT (device, seq) DO NOTHING");
+    sql
+}
+
 /// A connection to a SQLite cloud store (a writer, or a reader with `query_only`).
 pub struct SqliteStore {
     db: Connection,
     path: PathBuf,
     in_transaction: bool,
     next_position: u64,
+    /// Reused for encoding event bodies (SQLite copies what is bound).
+    body: Vec<u8>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -123,12 +160,14 @@ impl SqliteStore {
         if found != APPLICATION_ID && !(found == 0 && n_tables == 0) {
             return Err(StoreError::NotAStore { path: path.display().to_string(), found });
         }
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        for (name, value) in WRITER_PRAGMAS {
+            db.pragma_update(None, name, value)?;
+        }
         db.pragma_update(None, "application_id", APPLICATION_ID)?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
+        db.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         db.execute_batch(SCHEMA_SQL)?;
-        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1 })
+        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1, body: Vec::new() })
     }
 
     /// Opens an existing store for reading only (beside a running writer).
@@ -143,7 +182,31 @@ impl SqliteStore {
         }
         db.pragma_update(None, "query_only", true)?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1 })
+        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1, body: Vec::new() })
+    }
+
+    /// Inserts `chunk` (one of [`INSERT_CHUNK_ROWS`] long) with one cached multi-row statement;
+    /// returns how many rows were new.
+    fn insert_chunk(&mut self, chunk: &[Event], meta: &IngestMeta) -> Result<usize, StoreError> {
+        let sql = insert_sql(chunk.len());
+        let mut statement = self.db.prepare_cached(&sql)?;
+        statement.raw_bind_parameter(1, meta.gateway.as_str())?;
+        statement.raw_bind_parameter(2, to_i64(meta.ingest_time.0))?;
+        let mut index = 3;
+        for event in chunk {
+            self.body.clear();
+            event.payload.encode_body(&mut self.body);
+            statement.raw_bind_parameter(index, event.id.device.as_str())?;
+            statement.raw_bind_parameter(index + 1, to_i64(event.id.seq.0))?;
+            statement.raw_bind_parameter(index + 2, to_i64(event.hlc.wall_ms))?;
+            statement.raw_bind_parameter(index + 3, i64::from(event.hlc.logical))?;
+            statement.raw_bind_parameter(index + 4, to_i64(event.event_time.0))?;
+            statement.raw_bind_parameter(index + 5, i64::from(event.kind().tag()))?;
+            statement.raw_bind_parameter(index + 6, i64::from(event.schema_version()))?;
+            statement.raw_bind_parameter(index + 7, self.body.as_slice())?;
+            index += INSERT_PARAMS_PER_ROW;
+        }
+        Ok(statement.raw_execute()?)
     }
 
     fn query_events(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredEvent>, StoreError> {
@@ -159,7 +222,8 @@ fn limit_of(max: usize) -> i64 {
 
 impl EventReader for SqliteStore {
     fn head(&mut self) -> Result<Position, StoreError> {
-        let head: i64 = self.db.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| row.get(0))?;
+        let head: i64 =
+            self.db.prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?.query_row([], |row| row.get(0))?;
         Ok(Position(to_u64(head)))
     }
 
@@ -452,33 +516,20 @@ impl EventWriter for SqliteStore {
 
     fn insert_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
         self.begin()?;
-        let mut statement = self.db.prepare_cached(
-            "INSERT INTO events
-             (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT (device, seq) DO NOTHING",
-        )?;
         let mut n_inserted = 0;
-        for event in events {
-            let (body, kind, schema_version) = encode_event(event);
-            let inserted = statement.execute(params![
-                to_i64(self.next_position),
-                event.id.device.as_str(),
-                to_i64(event.id.seq.0),
-                to_i64(event.hlc.wall_ms),
-                i64::from(event.hlc.logical),
-                to_i64(event.event_time.0),
-                kind,
-                schema_version,
-                body,
-                meta.gateway.as_str(),
-                to_i64(meta.ingest_time.0),
-            ])?;
-            if inserted > 0 {
-                self.next_position += 1;
-                n_inserted += 1;
-            }
+        let mut rest = events;
+        while !rest.is_empty() {
+            // The largest cached statement that fits: one statement inserts many rows, so the
+            // per-statement cost (step, reset, VDBE setup) is paid once per chunk, not per row.
+            let n_rows = INSERT_CHUNK_ROWS.iter().copied().find(|n_rows| *n_rows <= rest.len()).unwrap_or(1);
+            let (chunk, tail) = rest.split_at(n_rows);
+            n_inserted += self.insert_chunk(chunk, meta)?;
+            rest = tail;
         }
+        // `position` is the rowid and the insert leaves it NULL, so SQLite assigns max + 1 to each
+        // inserted row: positions stay dense (a skipped duplicate takes none) and in batch order.
+        self.next_position += n_inserted as u64;
+        debug_assert!(n_inserted == 0 || to_u64(self.db.last_insert_rowid()) == self.next_position - 1);
         Ok((n_inserted, Position(self.next_position - 1)))
     }
 
