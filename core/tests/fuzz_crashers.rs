@@ -72,3 +72,32 @@ fn every_crasher_is_handled() {
         }
     }
 }
+
+/// Found by the `frame_decoder` target: an over-long length prefix was `LengthPrefix` when its
+/// five bytes came in one read and `FrameTooLarge` when four came first. The error must not
+/// depend on how the stream was split.
+#[test]
+fn a_length_prefix_error_does_not_depend_on_how_the_bytes_arrive() {
+    let bytes =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-crashers/length_prefix_chunks.bin"))
+            .expect("crasher");
+    let first_error = |chunk: usize| {
+        let mut decoder = FrameDecoder::new();
+        for piece in bytes.chunks(chunk) {
+            decoder.push(piece);
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(error) => return Some(core::mem::discriminant(&error)),
+                }
+            }
+        }
+        None
+    };
+    let whole = first_error(bytes.len().max(1));
+    assert!(whole.is_some());
+    for chunk in 1..=13 {
+        assert_eq!(first_error(chunk), whole, "chunks of {chunk}");
+    }
+}

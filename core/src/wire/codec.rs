@@ -47,12 +47,13 @@ pub(crate) fn read_length_prefix(bytes: &[u8]) -> Result<LengthPrefix, DecodeErr
             return Ok(LengthPrefix::Complete { len: value as usize, prefix_bytes: index + 1 });
         }
     }
-    if bytes.len() >= LENGTH_PREFIX_BYTES_MAX {
-        return Err(DecodeError::LengthPrefix);
-    }
-    // Even an incomplete prefix can already be too large: refuse early.
+    // Even an incomplete prefix can already be too large: refuse early. Checked before the
+    // prefix's own length, so the error does not depend on how the bytes were split into reads.
     if value > FRAME_BYTES_MAX as u64 {
         return Err(DecodeError::FrameTooLarge { len_bytes: value, max_bytes: FRAME_BYTES_MAX });
+    }
+    if bytes.len() >= LENGTH_PREFIX_BYTES_MAX {
+        return Err(DecodeError::LengthPrefix);
     }
     Ok(LengthPrefix::Incomplete)
 }
