@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::projection::{self, builtin, Runner};
-use crate::server::{self, ServerOptions};
+use crate::server::{self, SecurityOptions, ServerOptions};
 
 /// tidesync cloud: event store, projections, HTTP API.
 #[derive(Debug, Parser)]
@@ -117,9 +117,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
 /// Starts everything `config` asks for and runs until SIGTERM or SIGINT, then shuts down
 /// gracefully (group commit, goodbyes, projections stopped between transactions).
 pub async fn run_until_signal(config: Config) -> anyhow::Result<()> {
+    let device_keys = config.device_keys.clone();
     let running = start(config).await?;
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    // Operators read this first: whether what the cloud stores is verified or taken on trust.
+    match device_keys {
+        Some(path) => println!(
+            "tidesync-cloud: verifying device signatures against {} ({} devices with keys; reloaded when it changes)",
+            path.display(),
+            running.ingest.live().keyed_devices.load(Ordering::Relaxed)
+        ),
+        None => println!(
+            "tidesync-cloud: WARNING: UNSIGNED INGEST: no device_keys in the config, so events are stored \
+             without verifying device signatures"
+        ),
+    }
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
@@ -170,6 +183,12 @@ pub async fn start(config: Config) -> anyhow::Result<Cloud> {
         credentials,
         transport: config.limits.transport(),
         session: config.limits.session(),
+        security: SecurityOptions {
+            device_keys: config.device_keys.clone(),
+            keys_reload_ms: config.limits.device_keys_reload_ms,
+            device_limit: config.limits.device_limit(),
+            gateway_limit: config.limits.gateway_limit(),
+        },
     };
     let ingest = server::start(options).await.context("cannot start the ingest server")?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,6 @@
-//! `cloud.toml`: where the cloud listens, where its store and credentials are, and its alert
-//! rules. Relative paths are taken from the config file's directory.
+//! `cloud.toml`: where the cloud listens, where its store and credentials are, its device key
+//! registry, rate limits and alert rules. Relative paths are taken from the config file's
+//! directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::net::tls::Credentials;
+use tidesync_core::rate::RateLimit;
 use tidesync_core::sync::SessionConfig;
 
 use crate::projection::AlertRule;
@@ -34,7 +36,12 @@ pub struct Config {
     /// Threshold alert rules.
     #[serde(default)]
     pub alerts: Vec<AlertRule>,
-    /// Session timers.
+    /// The fleet's device public keys (`device-keys.txt`, see `tidesync_core::auth::KeyRegistry`).
+    /// With it every batch must carry valid device signatures; without it events are taken
+    /// unsigned (and the cloud says so loudly when it starts).
+    #[serde(default)]
+    pub device_keys: Option<PathBuf>,
+    /// Session timers and rate limits.
     #[serde(default)]
     pub limits: Limits,
 }
@@ -89,6 +96,16 @@ pub struct Limits {
     pub session_keepalive_ms: u64,
     /// Session idle timeout.
     pub session_idle_timeout_ms: u64,
+    /// Sustained events per second admitted per device (0: unlimited).
+    pub device_events_per_s: u32,
+    /// Events a device may send at once after a quiet period.
+    pub device_burst_events: u32,
+    /// Sustained events per second admitted per gateway, all its devices together (0: unlimited).
+    pub gateway_events_per_s: u32,
+    /// Events a gateway may send at once after a quiet period.
+    pub gateway_burst_events: u32,
+    /// How often the device key registry is checked for changes.
+    pub device_keys_reload_ms: u64,
 }
 
 impl Default for Limits {
@@ -99,9 +116,20 @@ impl Default for Limits {
             connections_max: 1_000,
             session_keepalive_ms: 10_000,
             session_idle_timeout_ms: 45_000,
+            device_events_per_s: RateLimit::DEVICE_DEFAULT.events_per_s,
+            device_burst_events: RateLimit::DEVICE_DEFAULT.burst_events,
+            gateway_events_per_s: GATEWAY_EVENTS_PER_S_DEFAULT,
+            gateway_burst_events: GATEWAY_EVENTS_PER_S_DEFAULT,
+            device_keys_reload_ms: 5_000,
         }
     }
 }
+
+/// Default sustained rate per gateway. A site gateway of 1,000 sensors at 1 Hz uses 5 % of it,
+/// and drains a day-long outage of them in 72 minutes; it is about a fifth of what the SQLite
+/// store appends (BENCHMARKS.md), so no single gateway (a compromised one, or one emptying a big
+/// spool) can take the store from the others. Per device the default is core's (100/s).
+pub const GATEWAY_EVENTS_PER_S_DEFAULT: u32 = 20_000;
 
 impl Limits {
     /// The QUIC limits.
@@ -112,6 +140,16 @@ impl Limits {
             connections_max: self.connections_max,
             ..TransportLimits::default()
         }
+    }
+
+    /// The rate limit of each device.
+    pub fn device_limit(&self) -> RateLimit {
+        RateLimit { events_per_s: self.device_events_per_s, burst_events: self.device_burst_events }
+    }
+
+    /// The rate limit of each gateway.
+    pub fn gateway_limit(&self) -> RateLimit {
+        RateLimit { events_per_s: self.gateway_events_per_s, burst_events: self.gateway_burst_events }
     }
 
     /// The session configuration.
@@ -169,6 +207,9 @@ impl Config {
         resolve(&mut config.tls.key);
         if let Some(crl) = &mut config.tls.crl {
             resolve(crl);
+        }
+        if let Some(keys) = &mut config.device_keys {
+            resolve(keys);
         }
         Ok(config)
     }

@@ -10,7 +10,8 @@
 //! `GET /api/devices/{id}/aggregates?sensor&resolution=minute|hour&limit`,
 //! `GET /api/devices/{id}/shadow`, `GET /api/devices/{id}/shadow.automerge`,
 //! `PATCH /api/devices/{id}/desired` (`{"key": value, "gone": null}`), `GET /api/projections`,
-//! `GET /api/alerts`; the [`dashboard`](crate::dashboard) at `/` with its event stream
+//! `GET /api/alerts`, `GET /api/security/events?before&limit` (refused batches, see
+//! [`security`]); the [`dashboard`](crate::dashboard) at `/` with its event stream
 //! `GET /api/events/stream`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +32,8 @@ use tidesync_core::value::Value;
 use crate::projection::{self, builtin};
 use crate::server::{Control, Live};
 use crate::store::{Backend, EventReader, HeadWatch, StoreError, StoredEvent};
+
+pub mod security;
 
 /// Most events or rows one request returns.
 pub const PAGE_MAX: usize = 1_000;
@@ -147,6 +150,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/devices/{device}/desired", patch(set_desired).put(set_desired))
         .route("/api/projections", get(projections))
         .route("/api/alerts", get(alerts))
+        .route("/api/security/events", get(security::events))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
         .merge(crate::dashboard::router(head))
@@ -288,6 +292,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiErro
             projection.name, projection.dead_letters
         );
     }
+    security::write_metrics(&mut text, &state.live);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -9,26 +9,37 @@
 //! calls `handle_durable`, so a commit ack is never sent for an event a crash could lose. Desired
 //! state written through the HTTP API enters the same loop: the shadow changes in the store, is
 //! persisted, and every live session hears `handle_shadow_changed`.
+//!
+//! Security at ingest: with a device key registry every session verifies (`Ingest::verifying`);
+//! a task re-reads the registry when the file changes and the core loop hands the new keys to
+//! every live session (a bad file keeps the old keys). A refused batch becomes a security event:
+//! logged, counted by kind for `/metrics`, and stored (`security_events`) with its gateway,
+//! device and seqs. Token buckets per device and per gateway (`tidesync_core::rate`) bound what
+//! is admitted; over the limit the session answers `Backpressure { RateLimited }` and the gateway
+//! keeps the events for later, so nothing is lost.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tidesync_core::auth::{DeviceKeys, RegistryError, Violation};
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Seq};
 use tidesync_core::net::pki::{self, Identity};
 use tidesync_core::net::quic::{
     CloseCode, FrameReceiver, FrameSender, Link, NetError, Pending, Server, TransportLimits,
 };
 use tidesync_core::net::tls::Credentials;
+use tidesync_core::rate::{RateLimit, TokenBucket};
 use tidesync_core::shadow::Section;
 use tidesync_core::sync::{Ingest, SessionConfig, SessionEvent, Store as _};
 use tidesync_core::value::Value;
 use tidesync_core::wire::{BackpressureReason, ErrorFrame, Frame, GoodbyeReason};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Backend, CloudStore, HeadWatch, IngestMeta, StoreError};
+use crate::store::{Backend, CloudStore, HeadWatch, IngestMeta, SecurityEvent, StoreError};
 
 /// Messages waiting for the core loop, at most.
 const INBOX_MESSAGES_MAX: usize = 4_096;
@@ -63,6 +74,39 @@ pub enum ServerError {
     /// The core thread could not start, or stopped abnormally.
     #[error("core loop: {0}")]
     CoreThread(#[source] std::io::Error),
+    /// The device key registry could not be loaded at start.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+}
+
+/// Why the device key registry could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeysError {
+    /// The file could not be read.
+    #[error("cannot read device keys {path}: {source}")]
+    Read {
+        /// The registry file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid registry.
+    #[error("device keys {path}: {source}")]
+    Parse {
+        /// The registry file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: RegistryError,
+    },
+}
+
+/// Reads and parses the device key registry at `path`.
+pub fn load_keys(path: &std::path::Path) -> Result<DeviceKeys, KeysError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read { path: path.to_path_buf(), source })?;
+    DeviceKeys::parse(&text).map_err(|source| KeysError::Parse { path: path.to_path_buf(), source })
 }
 
 /// Wall clock in ms since the Unix epoch.
@@ -83,6 +127,33 @@ pub struct ServerOptions {
     pub transport: TransportLimits,
     /// Session timers and bounds.
     pub session: SessionConfig,
+    /// Signature verification and rate limits.
+    pub security: SecurityOptions,
+}
+
+/// Signature verification and rate limits at ingest.
+#[derive(Clone, Debug)]
+pub struct SecurityOptions {
+    /// The device key registry; `None`: events are taken unsigned.
+    pub device_keys: Option<PathBuf>,
+    /// How often the registry is checked for changes.
+    pub keys_reload_ms: u64,
+    /// Admitted per device.
+    pub device_limit: RateLimit,
+    /// Admitted per gateway (all its devices together).
+    pub gateway_limit: RateLimit,
+}
+
+impl Default for SecurityOptions {
+    fn default() -> Self {
+        let gateway_rate = crate::config::GATEWAY_EVENTS_PER_S_DEFAULT;
+        Self {
+            device_keys: None,
+            keys_reload_ms: 5_000,
+            device_limit: RateLimit::DEVICE_DEFAULT,
+            gateway_limit: RateLimit { events_per_s: gateway_rate, burst_events: gateway_rate },
+        }
+    }
 }
 
 /// Counters of the ingest side, for `/metrics`.
@@ -104,6 +175,14 @@ pub struct IngestMetrics {
     pub refused_total: AtomicU64,
     /// Shadow changes received from gateways.
     pub shadow_changes_total: AtomicU64,
+    /// Batches refused because their device or gateway was over its rate limit.
+    pub rate_limited_total: AtomicU64,
+    /// Events in those batches (the gateway keeps them and offers them again).
+    pub rate_limited_events_total: AtomicU64,
+    /// Device key registry reloads that took effect.
+    pub keys_reloads_total: AtomicU64,
+    /// Device key registry reloads that failed (the previous keys stayed).
+    pub keys_reload_failures_total: AtomicU64,
 }
 
 /// A connected gateway, as the HTTP API shows it.
@@ -124,6 +203,12 @@ pub struct Live {
     pub metrics: IngestMetrics,
     /// Connected gateways by connection.
     pub gateways: Mutex<BTreeMap<u64, GatewayStatus>>,
+    /// Whether batches are verified against device keys.
+    pub verifying: AtomicBool,
+    /// Devices with a key in the registry in use.
+    pub keyed_devices: AtomicU64,
+    /// Security events (refused batches) by `Violation::kind()`, since start.
+    pub violations: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 #[derive(Debug)]
@@ -145,9 +230,14 @@ enum Inbox {
         entries: BTreeMap<String, Option<Value>>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A reloaded device key registry.
+    Keys(Arc<DeviceKeys>),
     Shutdown,
 }
 
+// Nearly every message is a frame, so boxing the large variant would cost an allocation per frame
+// to shrink the rare `Close`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Out {
     Frame(Frame),
@@ -169,6 +259,13 @@ struct Core {
     /// Appended in the open transaction: (connection, device, high).
     pending_durable: Vec<(u64, DeviceId, Seq)>,
     shutting_down: bool,
+    /// The device keys every session verifies against; `None`: unsigned ingest.
+    keys: Option<Arc<DeviceKeys>>,
+    device_limit: RateLimit,
+    gateway_limit: RateLimit,
+    /// Rate state per device and per gateway (across a gateway's connections).
+    device_buckets: BTreeMap<DeviceId, TokenBucket>,
+    gateway_buckets: BTreeMap<GatewayId, TokenBucket>,
 }
 
 impl Core {
@@ -176,7 +273,10 @@ impl Core {
         match message {
             Inbox::Up { conn, gateway, out } => {
                 tracing::info!(conn, %gateway, "gateway connected");
-                let ingest = Ingest::for_cloud(gateway, self.session.clone(), now);
+                let mut ingest = Ingest::for_cloud(gateway, self.session.clone(), now);
+                if let Some(keys) = &self.keys {
+                    ingest = ingest.verifying(Arc::clone(keys));
+                }
                 self.conns.insert(conn, Conn { gateway, ingest, out, close_sent: false });
                 self.live.gateways.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(
                     conn,
@@ -185,9 +285,24 @@ impl Core {
             }
             Inbox::Frame { conn, frame } => {
                 let Some(gateway_conn) = self.conns.get_mut(&conn) else { return };
+                // A refused batch is reported while its frame is handled: drain this session's
+                // events now, so a security event names the seqs of the batch that caused it.
+                let batch_seqs = match &frame {
+                    Frame::Events(batch) => Some((batch.from, batch.last_seq())),
+                    _ => None,
+                };
                 if let Err(error) = gateway_conn.ingest.handle_frame(now, frame, &mut self.store) {
                     tracing::warn!(conn, gateway = %gateway_conn.gateway, %error, "gateway session failed");
                 }
+                self.drain_conn(now, conn, batch_seqs);
+            }
+            Inbox::Keys(keys) => {
+                tracing::info!(n_devices = keys.len(), n_sessions = self.conns.len(), "device keys replaced");
+                for conn in self.conns.values_mut() {
+                    conn.ingest.set_keys(Arc::clone(&keys));
+                }
+                self.live.keyed_devices.store(keys.len() as u64, Ordering::Relaxed);
+                self.keys = Some(keys);
             }
             Inbox::Down { conn } => {
                 if let Some(gateway_conn) = self.conns.remove(&conn) {
@@ -269,24 +384,97 @@ impl Core {
     }
 
     fn drain_events(&mut self, now: Millis) -> usize {
-        let mut n_events = 0;
         let conns: Vec<u64> = self.conns.keys().copied().collect();
-        for conn in conns {
-            let next = |conns: &mut BTreeMap<u64, Conn>| {
-                let gateway_conn = conns.get_mut(&conn)?;
-                Some((gateway_conn.gateway, gateway_conn.ingest.poll_event()?))
-            };
-            while let Some((gateway, event)) = next(&mut self.conns) {
-                n_events += 1;
-                self.on_event(now, conn, gateway, event);
-            }
+        conns.into_iter().map(|conn| self.drain_conn(now, conn, None)).sum()
+    }
+
+    /// Handles what one session has to say; `batch_seqs` is the batch whose frame it just took.
+    fn drain_conn(&mut self, now: Millis, conn: u64, batch_seqs: Option<(Seq, Seq)>) -> usize {
+        let mut n_events = 0;
+        let next = |conns: &mut BTreeMap<u64, Conn>| {
+            let gateway_conn = conns.get_mut(&conn)?;
+            Some((gateway_conn.gateway, gateway_conn.ingest.poll_event()?))
+        };
+        while let Some((gateway, event)) = next(&mut self.conns) {
+            n_events += 1;
+            self.on_event(now, conn, gateway, event, batch_seqs);
         }
         n_events
     }
 
-    fn on_event(&mut self, now: Millis, conn: u64, gateway: GatewayId, event: SessionEvent) {
+    /// Takes `batch`'s events from its device's and its gateway's token buckets, or returns how
+    /// long the gateway should wait (both buckets are left as they were).
+    fn admit(&mut self, now: Millis, gateway: GatewayId, device: DeviceId, n_events: u64) -> Result<(), u32> {
+        let device_limit = self.device_limit;
+        let mut device_bucket =
+            *self.device_buckets.entry(device).or_insert_with(|| TokenBucket::new(device_limit, now));
+        device_bucket.take(now, n_events)?;
+        let gateway_limit = self.gateway_limit;
+        let gateway_bucket =
+            self.gateway_buckets.entry(gateway).or_insert_with(|| TokenBucket::new(gateway_limit, now));
+        gateway_bucket.take(now, n_events)?;
+        self.device_buckets.insert(device, device_bucket);
+        Ok(())
+    }
+
+    /// A batch failed verification: log it, count it, store it as a security event.
+    fn on_violation(
+        &mut self,
+        now: Millis,
+        gateway: GatewayId,
+        device: DeviceId,
+        violation: &Violation,
+        batch_seqs: Option<(Seq, Seq)>,
+    ) {
+        let kind = violation.kind();
+        let (from_seq, last_seq) = batch_seqs.unwrap_or_else(|| seqs_named(violation));
+        tracing::warn!(
+            %gateway, %device, kind, %violation, from_seq = from_seq.0, last_seq = last_seq.0,
+            "security event: batch refused, the gateway keeps it"
+        );
+        *self.live.violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(kind).or_default() += 1;
+        let event = SecurityEvent {
+            id: 0,
+            first_ms: now,
+            last_ms: now,
+            gateway,
+            device,
+            kind: kind.to_string(),
+            detail: violation.to_string(),
+            from_seq,
+            last_seq,
+            count: 1,
+        };
+        if let Err(error) = self.store.record_security_event(&event) {
+            tracing::error!(%gateway, %device, %error, "cannot store the security event");
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        now: Millis,
+        conn: u64,
+        gateway: GatewayId,
+        event: SessionEvent,
+        batch_seqs: Option<(Seq, Seq)>,
+    ) {
         match event {
             SessionEvent::EventsReceived(batch) => {
+                if let Err(retry_after_ms) = self.admit(now, gateway, batch.device, batch.events.len() as u64) {
+                    let metrics = &self.live.metrics;
+                    metrics.rate_limited_total.fetch_add(1, Ordering::Relaxed);
+                    metrics.rate_limited_events_total.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%gateway, device = %batch.device, retry_after_ms, "over the rate limit: held back");
+                    if let Some(gateway_conn) = self.conns.get_mut(&conn) {
+                        gateway_conn.ingest.handle_refused(
+                            now,
+                            batch.device,
+                            BackpressureReason::RateLimited,
+                            retry_after_ms,
+                        );
+                    }
+                    return;
+                }
                 let meta = IngestMeta { gateway, ingest_time: now };
                 match self.store.append_from(&batch, &meta) {
                     Ok(appended) => {
@@ -329,6 +517,9 @@ impl Core {
             SessionEvent::Unauthorized { reason } => {
                 self.live.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(conn, %gateway, %reason, "unauthorized frame from gateway: closing its session");
+            }
+            SessionEvent::Violation { device, violation, .. } => {
+                self.on_violation(now, gateway, device, &violation, batch_seqs);
             }
             SessionEvent::Closed(reason) => tracing::info!(conn, %gateway, ?reason, "session closed"),
             other => tracing::debug!(conn, %gateway, ?other, "session event"),
@@ -427,6 +618,64 @@ impl Core {
     }
 }
 
+/// The seqs a violation names, for a security event whose batch is not known.
+fn seqs_named(violation: &Violation) -> (Seq, Seq) {
+    match violation {
+        Violation::NotSealed { from, last } => (*from, *last),
+        Violation::BadHole { first, last } => (*first, *last),
+        Violation::BadSeal { seq } | Violation::Equivocation { seq } => (*seq, *seq),
+        Violation::Replay { last } => (*last, *last),
+        _ => (Seq::ZERO, Seq::ZERO),
+    }
+}
+
+/// A file's modification time and length: when either changes, the registry is read again.
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// Checks the registry every `every_ms` and sends the core loop the keys of each changed file
+/// that parses; a file that does not parse is logged once and the previous keys stay.
+async fn watch_keys(
+    path: PathBuf,
+    every_ms: u64,
+    mut stamp: Option<(SystemTime, u64)>,
+    inbox: mpsc::Sender<Inbox>,
+    live: Arc<Live>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(every_ms.max(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let file = path.clone();
+        let Ok((now_stamp, loaded)) = tokio::task::spawn_blocking(move || {
+            let now_stamp = file_stamp(&file);
+            (now_stamp, (now_stamp != stamp).then(|| load_keys(&file)))
+        })
+        .await
+        else {
+            continue;
+        };
+        stamp = now_stamp;
+        match loaded {
+            None => {}
+            Some(Ok(keys)) => {
+                live.metrics.keys_reloads_total.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(path = %path.display(), n_devices = keys.len(), "device keys reloaded");
+                if inbox.send(Inbox::Keys(Arc::new(keys))).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(error)) => {
+                live.metrics.keys_reload_failures_total.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "device keys not reloaded: keeping the previous keys");
+            }
+        }
+    }
+}
+
 /// A handle to ask the core loop for desired-state changes.
 #[derive(Clone, Debug)]
 pub struct Control {
@@ -517,9 +766,27 @@ pub async fn start(options: ServerOptions) -> Result<Running, ServerError> {
         .await
         .map_err(|error| ServerError::CoreThread(std::io::Error::other(error.to_string())))??;
     let head = store.head_watch();
+    let security = options.security.clone();
+    let keys = match &security.device_keys {
+        Some(path) => {
+            let stamp = file_stamp(path);
+            let keys = load_keys(path)?;
+            tracing::info!(path = %path.display(), n_devices = keys.len(), "verifying device signatures");
+            Some((Arc::new(keys), stamp))
+        }
+        None => {
+            tracing::warn!(
+                "NO DEVICE KEYS CONFIGURED: events are accepted without verifying device signatures; \
+                 a compromised gateway could forge, alter or drop them undetected (set device_keys)"
+            );
+            None
+        }
+    };
     let server = Arc::new(Server::bind(options.listen, &options.credentials, options.transport.clone())?);
     let quic_addr = server.local_addr()?;
     let live = Arc::new(Live::default());
+    live.verifying.store(keys.is_some(), Ordering::Relaxed);
+    live.keyed_devices.store(keys.as_ref().map_or(0, |(keys, _)| keys.len() as u64), Ordering::Relaxed);
     let (stop, _stop_rx) = watch::channel(false);
     let (inbox, inbox_rx) = mpsc::channel(INBOX_MESSAGES_MAX);
     let core = Core {
@@ -529,6 +796,11 @@ pub async fn start(options: ServerOptions) -> Result<Running, ServerError> {
         conns: BTreeMap::new(),
         pending_durable: Vec::new(),
         shutting_down: false,
+        keys: keys.as_ref().map(|(keys, _)| Arc::clone(keys)),
+        device_limit: security.device_limit,
+        gateway_limit: security.gateway_limit,
+        device_buckets: BTreeMap::new(),
+        gateway_buckets: BTreeMap::new(),
     };
     let core = std::thread::Builder::new()
         .name("tidesync-cloud-core".into())
@@ -556,8 +828,15 @@ pub async fn start(options: ServerOptions) -> Result<Running, ServerError> {
             ));
         }
     });
-    tracing::info!(%quic_addr, backend = options.backend.kind(), "cloud ingest running");
-    Ok(Running { quic_addr, live, head, control: Control { inbox }, stop, core, server, tasks: vec![accept_task] })
+    let mut tasks = vec![accept_task];
+    if let (Some(path), Some((_, stamp))) = (security.device_keys, keys) {
+        tasks.push(tokio::spawn(watch_keys(path, security.keys_reload_ms, stamp, inbox.clone(), Arc::clone(&live))));
+    }
+    tracing::info!(
+        %quic_addr, backend = options.backend.kind(), verifying = live.verifying.load(Ordering::Relaxed),
+        device_limit = ?security.device_limit, gateway_limit = ?security.gateway_limit, "cloud ingest running"
+    );
+    Ok(Running { quic_addr, live, head, control: Control { inbox }, stop, core, server, tasks })
 }
 
 /// Writes what the core loop sends to one connection; ends the stream and closes on `Close`.

@@ -113,7 +113,8 @@ async fn a_cloud_killed_during_ingest_loses_nothing_it_acknowledged() {
     let config = dir.path().join("cloud.toml");
     std::fs::write(
         &config,
-        format!("listen = \"{addr}\"\ndata_dir = \"data\"\n[tls]\nca = \"ca.pem\"\ncert = \"cloud.pem\"\nkey = \"cloud.key\"\n"),
+        format!("listen = \"{addr}\"\ndata_dir = \"data\"\n[tls]\nca = \"ca.pem\"\ncert = \"cloud.pem\"\nkey = \"cloud.key\"\n\
+                 [limits]\ndevice_events_per_s = 0\ngateway_events_per_s = 0\n"),
     )
     .unwrap();
 

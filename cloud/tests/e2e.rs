@@ -64,6 +64,9 @@ fn cloud_config(dir: &Path) -> Config {
         ca = "ca.pem"
         cert = "cloud.pem"
         key = "cloud.key"
+        # 2,000 events of one device as fast as they go (security_server.rs tests the limits).
+        [limits]
+        device_events_per_s = 0
         [[alerts]]
         name = "hot"
         sensor = "temp"
