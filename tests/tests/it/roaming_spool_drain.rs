@@ -32,6 +32,11 @@ async fn a_gateway_drains_events_the_cloud_got_through_another_gateway() {
     sync_device_until(&mut store, pump, &client, a_running.quic_addr(), &mut progress, custody, TEST_TIMEOUT)
         .await
         .unwrap();
+    // The spool gauge is refreshed by the gateway's loop after the commit that granted custody.
+    let deadline = std::time::Instant::now() + TEST_TIMEOUT;
+    while Metrics::get(&a_running.metrics().spool_events) != n_events && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(Metrics::get(&a_running.metrics().spool_events), n_events);
     a_running.shutdown().await.unwrap();
 
