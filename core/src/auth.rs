@@ -9,9 +9,10 @@
 //! a [`Seal`]. A batch therefore carries a [`BatchProof`]: the chain value before its first event
 //! (`prev`), the seals that fall inside it (a gateway may merge several device batches, keeping
 //! every seal), and, when the batch starts with a declared hole, the device-signed [`HoleProof`]
-//! saying which seqs it no longer has. The cloud recomputes the chain from `prev` over the events,
-//! checks each seal, and checks that `prev` continues what it already holds. What a gateway could
-//! do and how it shows:
+//! saying which seqs it no longer has and what the chain was on both sides of them. The cloud
+//! recomputes the chain from `prev` over the events, checks each seal, and checks that `prev` (or,
+//! across a hole, the proof's `before`) continues what it already holds. What a gateway could do
+//! and how it shows:
 //! - forge, alter or reorder events: the recomputed chain differs, so a seal does not verify;
 //! - drop events from the middle: seqs are implicit in a batch, so the chain (and seal) breaks;
 //! - drop events from the start and call them a hole: the hole needs a device-signed proof;
@@ -19,7 +20,12 @@
 //!   `sync::Ingest`), and dedupe by id keeps them from counting twice anyway;
 //! - splice two histories, or relay a cloned device's second history (equivocation): both are
 //!   signed, but one of them does not continue the chain the cloud holds, or differs from the
-//!   events it stored.
+//!   events it stored. A hole cannot hide the fork: its proof signs the chain value before the
+//!   hole too (`before`), and the cloud compares it with its own when it holds that seq.
+//!
+//! Continuity across a hole is only as good as that comparison: a hole whose proof starts below
+//! what the cloud holds and ends above it (a device that roamed to a gateway that never heard of
+//! it, after dropping events the cloud never got) links to nothing the cloud can check.
 //!
 //! Signing is per batch, not per event, so it costs one signature per few hundred events; hashing
 //! is SHA-256 over a few dozen bytes per event.
@@ -48,7 +54,8 @@ pub const PUBLIC_KEY_BYTES: usize = 32;
 
 const CHAIN_DOMAIN: &[u8] = b"tidesync/chain/v1";
 const SEAL_DOMAIN: &[u8] = b"tidesync/seal/v1";
-const HOLE_DOMAIN: &[u8] = b"tidesync/hole/v1";
+/// Version 2 signs the chain value before the hole as well (version 1 proofs never shipped).
+const HOLE_DOMAIN: &[u8] = b"tidesync/hole/v2";
 
 /// A device stream's hash-chain value after some seq.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -169,13 +176,18 @@ impl fmt::Debug for Seal {
 }
 
 /// A device's signed statement that it no longer has seqs `first..=last` (dropped under storage
-/// pressure, or pruned after the cloud committed them) and that its chain after `last` is `chain`.
+/// pressure, or pruned after the cloud committed them), that its chain after `first - 1` is
+/// `before`, and that its chain after `last` is `chain`. `before` ties the hole to the history in
+/// front of it: without it a second history (a cloned key) could start with a hole right after
+/// what the cloud holds and be taken for a continuation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HoleProof {
-    /// First seq of the hole.
+    /// First seq of the hole (at least 1).
     pub first: Seq,
     /// Last seq of the hole.
     pub last: Seq,
+    /// The chain value after `first - 1` (genesis when `first` is 1).
+    pub before: ChainHash,
     /// The chain value after `last`.
     pub chain: ChainHash,
     /// Ed25519 signature of [`hole_message`].
@@ -184,7 +196,7 @@ pub struct HoleProof {
 
 impl fmt::Debug for HoleProof {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HoleProof({}..={} {:?})", self.first, self.last, self.chain)
+        write!(f, "HoleProof({:?} {}..={} {:?})", self.before, self.first, self.last, self.chain)
     }
 }
 
@@ -209,13 +221,14 @@ pub fn seal_message(device: &DeviceId, seq: Seq, chain: &ChainHash) -> Vec<u8> {
     message
 }
 
-/// The bytes a hole proof signs.
-pub fn hole_message(device: &DeviceId, first: Seq, last: Seq, chain: &ChainHash) -> Vec<u8> {
-    let mut message = Vec::with_capacity(HOLE_DOMAIN.len() + 1 + 64 + 16 + CHAIN_BYTES);
+/// The bytes a hole proof signs: `first`, `last`, and the chain values on both sides of the hole.
+pub fn hole_message(device: &DeviceId, first: Seq, last: Seq, before: &ChainHash, chain: &ChainHash) -> Vec<u8> {
+    let mut message = Vec::with_capacity(HOLE_DOMAIN.len() + 1 + 64 + 16 + 2 * CHAIN_BYTES);
     message.extend_from_slice(HOLE_DOMAIN);
     put_name_vec(&mut message, device);
     message.extend_from_slice(&first.0.to_le_bytes());
     message.extend_from_slice(&last.0.to_le_bytes());
+    message.extend_from_slice(&before.0);
     message.extend_from_slice(&chain.0);
     message
 }
@@ -261,10 +274,11 @@ impl DeviceSigner {
         Seal { seq, signature: signature.to_bytes() }
     }
 
-    /// Signs the statement that seqs `first..=last` are gone and the chain after them is `chain`.
-    pub fn hole(&self, first: Seq, last: Seq, chain: ChainHash) -> HoleProof {
-        let signature = self.key.sign(&hole_message(&self.device, first, last, &chain));
-        HoleProof { first, last, chain, signature: signature.to_bytes() }
+    /// Signs the statement that seqs `first..=last` are gone, that the chain before them (after
+    /// `first - 1`) is `before` and the chain after them is `chain`.
+    pub fn hole(&self, first: Seq, last: Seq, before: ChainHash, chain: ChainHash) -> HoleProof {
+        let signature = self.key.sign(&hole_message(&self.device, first, last, &before, &chain));
+        HoleProof { first, last, before, chain, signature: signature.to_bytes() }
     }
 }
 
@@ -395,6 +409,9 @@ pub struct Verified {
     pub head: ChainHash,
     /// The chain value after `at`, when `at` was asked for and lies inside the batch.
     pub at: Option<ChainHash>,
+    /// For a batch that starts with a hole: the seq before the hole proof's first and the chain
+    /// value the device signed for it (the caller compares it with what it holds there).
+    pub before: Option<(Seq, ChainHash)>,
 }
 
 /// Checks a batch's proof against `keys`: its hole proof, its seals over the recomputed chain.
@@ -413,16 +430,23 @@ pub fn verify_batch(
         return Err(Violation::UnknownDevice);
     }
     let (from, first, last) = (batch.from, batch.first_seq(), batch.last_seq());
+    let mut before = None;
     if let Some((hole_first, hole_last)) = batch.dropped() {
-        let valid = proof.hole.is_some_and(|hole| {
-            hole.first <= hole_first
+        let valid = proof.hole.filter(|hole| {
+            hole.first >= Seq::FIRST
+                && hole.first <= hole_first
                 && hole.last == hole_last
                 && hole.chain == proof.prev
-                && keys.verifies(&device, &hole_message(&device, hole.first, hole.last, &hole.chain), &hole.signature)
+                && keys.verifies(
+                    &device,
+                    &hole_message(&device, hole.first, hole.last, &hole.before, &hole.chain),
+                    &hole.signature,
+                )
         });
-        if !valid {
+        let Some(hole) = valid else {
             return Err(Violation::BadHole { first: hole_first, last: hole_last });
-        }
+        };
+        before = Some((Seq(hole.first.0 - 1), hole.before));
     }
     let sealed_in_order = proof.seals.windows(2).all(|pair| pair[0].seq < pair[1].seq)
         && proof.seals.first().is_some_and(|seal| seal.seq >= first)
@@ -450,7 +474,7 @@ pub fn verify_batch(
         // Just before the events (after the hole, if there is one): that value is `prev`.
         at_chain = Some(proof.prev);
     }
-    Ok(Verified { head: chain, at: at_chain })
+    Ok(Verified { head: chain, at: at_chain, before })
 }
 
 /// Whether two events are the same fact, bit for bit (floats compared by their bits, so a NaN

@@ -86,6 +86,14 @@ pub trait Ledger {
     fn chain_head(&self, _device: &DeviceId) -> Option<ChainHash> {
         None
     }
+
+    /// The highest seq below `from` after which this ledger knows `device`'s chain value, with
+    /// that value: where a signing device starts the hole proof of a batch read from `from`
+    /// (its `first` is one past the seq, its `before` the value; see [`crate::auth::HoleProof`]).
+    /// The closer to `from`, the more the cloud can check; every ledger knows genesis at seq 0.
+    fn chain_before(&self, device: &DeviceId, _from: Seq) -> (Seq, ChainHash) {
+        (Seq::ZERO, ChainHash::genesis(device))
+    }
 }
 
 /// One device's stream in a [`MemLedger`].
@@ -102,6 +110,9 @@ struct Stream {
     chains: BTreeMap<Seq, ChainHash>,
     /// Chain value after the highest seq removed (pruned or dropped), if known.
     floor: Option<(Seq, ChainHash)>,
+    /// Chain values known right before runs of removed seqs (the floor each removal started
+    /// from), kept from the commit watermark on: where a hole proof can start.
+    anchors: BTreeMap<Seq, ChainHash>,
     /// Chain value at `high`, if known.
     head: Option<ChainHash>,
     /// Seals received with events (a relay keeps them to pass on).
@@ -132,7 +143,10 @@ impl Stream {
     fn forget_chains_through(&mut self, up_to: Seq, device: &DeviceId) {
         if let Some(chain) = self.chain_at(device, up_to) {
             self.floor = Some((up_to, chain));
+            self.anchors.insert(up_to, chain);
         }
+        // Anchors below the commit watermark would only start wider holes than the one at it.
+        self.anchors = self.anchors.split_off(&up_to.min(self.committed));
         self.chains = self.chains.split_off(&up_to.next());
         self.seals = self.seals.split_off(&up_to.next());
         self.hole_proofs = self.hole_proofs.split_off(&up_to.next());
@@ -190,6 +204,10 @@ impl MemLedger {
         let stream = self.streams.get_mut(&device)?;
         let doomed: Vec<Seq> = stream.events.keys().copied().filter(|seq| *seq > stream.committed).take(n).collect();
         let (mut first, last) = (*doomed.first()?, *doomed.last()?);
+        // The chain in front of the dropped run stays known too: a hole proof starts there.
+        if let Some(chain) = stream.chain_at(&device, Seq(first.0 - 1)) {
+            stream.anchors.insert(Seq(first.0 - 1), chain);
+        }
         // Only a contiguous prefix of what is held can become a hole the batch format can declare.
         for seq in &doomed {
             // A gap event dropped now takes its explanation with it: the new gap covers the
@@ -386,6 +404,18 @@ impl Ledger for MemLedger {
             return Some(ChainHash::genesis(device));
         }
         stream.head
+    }
+
+    fn chain_before(&self, device: &DeviceId, from: Seq) -> (Seq, ChainHash) {
+        let genesis = (Seq::ZERO, ChainHash::genesis(device));
+        let Some(stream) = self.streams.get(device) else {
+            return genesis;
+        };
+        let at = Seq(from.0.saturating_sub(1));
+        if let Some(chain) = stream.chain_at(device, at) {
+            return (at, chain);
+        }
+        stream.anchors.range(..=at).next_back().map_or(genesis, |(seq, chain)| (*seq, *chain))
     }
 }
 

@@ -484,6 +484,9 @@ impl Ledger for MemStore {
     fn chain_head(&self, device: &DeviceId) -> Option<crate::auth::ChainHash> {
         self.ledger.chain_head(device)
     }
+    fn chain_before(&self, device: &DeviceId, from: Seq) -> (Seq, crate::auth::ChainHash) {
+        self.ledger.chain_before(device, from)
+    }
 }
 
 impl Store for MemStore {

@@ -36,6 +36,9 @@ pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
 pub const LENGTH_PREFIX_BYTES_MAX: usize = 5;
 
 /// One message of the sync protocol.
+// Most frames a session moves are `Events`: boxing the batch would cost an allocation per batch to
+// shrink the small control frames.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Frame {

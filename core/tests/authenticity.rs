@@ -1,10 +1,13 @@
 //! End to end through the sans-IO sessions: a signing device, a relaying gateway and a verifying
 //! cloud. Honest relaying (also merged, trimmed and after drops) is accepted; every attack of a
-//! compromised gateway, and a cloned device, is refused with a violation naming device and
-//! gateway, and nothing of it is stored.
+//! compromised gateway, and a cloned device (also one whose batch starts with a hole right after
+//! what the cloud holds), is refused with a violation naming device and gateway, and nothing of it
+//! is stored.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+
+use proptest::prelude::*;
 
 use tidesync_core::auth::{DeviceKeys, DeviceSigner, Violation};
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading, Seq};
@@ -287,4 +290,81 @@ fn a_duplicate_with_different_content_is_equivocation_even_below_the_head() {
             .any(|event| matches!(event, SessionEvent::Violation { violation: Violation::Equivocation { .. }, .. })),
         "{events:?}"
     );
+}
+
+/// A device whose first `committed` events the cloud holds (through gateway A) goes on with
+/// `extra` events of its own history (`base` tells histories apart), drops `dropped` of them under
+/// storage pressure, and relays through gateway B, which knows from the cloud what it committed.
+/// Returns the cloud's violations, the cloud and the device.
+fn after_a_hole_through_gateway_b(
+    committed: u64,
+    extra: u64,
+    dropped: usize,
+    clone: bool,
+) -> (Vec<Violation>, MemStore, MemStore) {
+    let (original, mut gateway_a, mut cloud) = fleet(committed);
+    let (violations, _) = to_cloud(&mut gateway_a, &mut cloud, |frame| vec![frame]);
+    assert!(violations.is_empty(), "{violations:?}");
+    assert_eq!(cloud.ledger.high(&device()), Seq(committed));
+    let mut on_device = if clone {
+        // Same identity and key, its own readings for the same seqs: a second history.
+        let mut clone = store("device", ShadowKeeping::Only(device()));
+        record(&mut clone, committed, 500.0);
+        clone
+    } else {
+        original
+    };
+    record(&mut on_device, extra, 100.0);
+    // Told what is committed (as a gateway relays the cloud's commit), it prunes that.
+    on_device.ledger.mark_committed(device(), Seq(committed)).unwrap();
+    let hole = on_device.ledger.drop_oldest(device(), dropped, Millis(50_000)).unwrap();
+    assert_eq!(hole, (Seq(committed + 1), Seq(committed + dropped as u64)));
+    let mut gateway_b = store("gateway-b", ShadowKeeping::All);
+    gateway_b.ledger.mark_committed(device(), Seq(committed)).unwrap();
+    to_gateway(&mut on_device, &mut gateway_b);
+    let (violations, _) = to_cloud(&mut gateway_b, &mut cloud, |frame| vec![frame]);
+    (violations, cloud, on_device)
+}
+
+#[test]
+fn a_clone_whose_batch_starts_with_a_hole_at_the_clouds_head_is_refused() {
+    // The original commits 1..=6 through gateway A; the clone (same key) drops 7..=8 and relays
+    // 9.. through gateway B. Its hole proof signs the chain before the hole: its own, not the
+    // cloud's.
+    let (violations, cloud, _) = after_a_hole_through_gateway_b(6, 6, 2, true);
+    assert_eq!(violations.first(), Some(&Violation::Equivocation { seq: Seq(6) }), "{violations:?}");
+    assert_eq!(stored(&cloud), (0..6).map(f64::from).collect::<Vec<_>>());
+    assert_eq!(cloud.ledger.high(&device()), Seq(6));
+    assert!(cloud.ledger.holes(&device()).is_empty());
+}
+
+#[test]
+fn an_honest_hole_right_after_the_clouds_head_is_accepted() {
+    let (violations, cloud, on_device) = after_a_hole_through_gateway_b(6, 6, 2, false);
+    assert!(violations.is_empty(), "{violations:?}");
+    assert_eq!(cloud.ledger.holes(&device()), vec![(Seq(7), Seq(8))]);
+    assert_eq!(cloud.ledger.high(&device()), on_device.ledger.high(&device()));
+    assert_eq!(cloud.ledger.chain_head(&device()), on_device.ledger.chain_head(&device()));
+    let held: Vec<_> = on_device.ledger.events(&device()).cloned().collect();
+    let tail: Vec<_> = cloud.ledger.events(&device()).skip(6).cloned().collect();
+    assert_eq!(tail, held);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Wherever the hole falls after what the cloud holds, the device's own continuation is
+    /// accepted with its hole, and a clone's is refused as an equivocation at the cloud's head with
+    /// nothing of it stored.
+    #[test]
+    fn a_hole_at_the_head_links_to_the_history_held(committed in 1u64..8, extra in 2u64..8, dropped in 1usize..8) {
+        let dropped = dropped.min(extra as usize - 1);
+        let (violations, cloud, _) = after_a_hole_through_gateway_b(committed, extra, dropped, false);
+        prop_assert!(violations.is_empty(), "{:?}", violations);
+        prop_assert_eq!(cloud.ledger.holes(&device()), vec![(Seq(committed + 1), Seq(committed + dropped as u64))]);
+        let (violations, cloud, _) = after_a_hole_through_gateway_b(committed, extra, dropped, true);
+        prop_assert_eq!(violations.first(), Some(&Violation::Equivocation { seq: Seq(committed) }));
+        prop_assert_eq!(cloud.ledger.high(&device()), Seq(committed));
+        prop_assert_eq!(stored(&cloud), (0..committed).map(|value| value as f64).collect::<Vec<_>>());
+    }
 }

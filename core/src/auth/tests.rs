@@ -46,7 +46,8 @@ fn sealed(ledger: &MemLedger, signer: &DeviceSigner, from: u64, max: usize) -> E
     let head = proof.prev.over(&batch.events);
     proof.seals = vec![signer.seal(last, &head)];
     if batch.from < first {
-        proof.hole = Some(signer.hole(batch.from, Seq(first.0 - 1), proof.prev));
+        let (known, before) = ledger.chain_before(&device(), batch.from);
+        proof.hole = Some(signer.hole(known.next(), Seq(first.0 - 1), before, proof.prev));
     }
     batch.proof = Some(proof);
     batch
@@ -142,6 +143,46 @@ fn a_device_that_dropped_events_proves_the_hole() {
     assert_eq!(relayed, batch);
     // A receiver that holds part of the hole gets a narrower hole, still proven.
     verify_batch(&keys, &batch.after(Seq(2)).unwrap(), None).unwrap();
+    // The proof names the chain before the hole: genesis, as it starts at seq 1.
+    assert_eq!(verified.before, Some((Seq(0), ChainHash::genesis(&device()))));
+}
+
+#[test]
+fn a_hole_after_a_commit_binds_the_chain_in_front_of_it() {
+    let signer = signer(3);
+    let keys = keys_of(&signer);
+    let mut device_ledger = ledger(10);
+    let at_six = device_ledger.chain_at(&device(), Seq(6)).unwrap();
+    device_ledger.mark_committed(device(), Seq(6)).unwrap();
+    assert_eq!(device_ledger.drop_oldest(device(), 2, Millis(5_000)), Some((Seq(7), Seq(8))));
+    // The floor moved past the dropped run; the chain in front of it is still known.
+    assert_eq!(device_ledger.chain_before(&device(), Seq(7)), (Seq(6), at_six));
+    let batch = sealed(&device_ledger, &signer, 7, 100);
+    let hole = batch.proof.as_ref().unwrap().hole.unwrap();
+    assert_eq!((hole.first, hole.last, hole.before), (Seq(7), Seq(8), at_six));
+    assert_eq!(verify_batch(&keys, &batch, None).unwrap().before, Some((Seq(6), at_six)));
+    // Read from further back (a gateway that knows less), the hole starts where the chain is
+    // known: at genesis.
+    let wide = sealed(&device_ledger, &signer, 3, 100);
+    let hole = wide.proof.as_ref().unwrap().hole.unwrap();
+    assert_eq!((hole.first, hole.before), (Seq(1), ChainHash::genesis(&device())));
+    verify_batch(&keys, &wide, None).unwrap();
+
+    // `before` is signed: changing it (to claim another history's chain) breaks the proof.
+    let mut moved = batch.clone();
+    moved.proof.as_mut().unwrap().hole.as_mut().unwrap().before = ChainHash::genesis(&device());
+    assert_eq!(verify_batch(&keys, &moved, None), Err(Violation::BadHole { first: Seq(7), last: Seq(8) }));
+    // A proof whose hole starts at seq 0 has no chain before it.
+    let mut zero = batch.clone();
+    let proof = zero.proof.as_mut().unwrap();
+    proof.hole = Some(signer.hole(Seq(0), Seq(8), ChainHash::genesis(&device()), proof.prev));
+    assert_eq!(verify_batch(&keys, &zero, None), Err(Violation::BadHole { first: Seq(7), last: Seq(8) }));
+    // A proof for a wider hole than the batch's is fine only if it starts no later than it.
+    let mut late = batch;
+    let proof = late.proof.as_mut().unwrap();
+    proof.hole =
+        Some(signer.hole(Seq(8), Seq(8), device_ledger.chain_at(&device(), Seq(7)).unwrap_or_default(), proof.prev));
+    assert_eq!(verify_batch(&keys, &late, None), Err(Violation::BadHole { first: Seq(7), last: Seq(8) }));
 }
 
 #[test]
@@ -185,6 +226,30 @@ fn malformed_proofs_are_errors_not_panics() {
     evil.extend_from_slice(&[0; 32]);
     evil.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
     assert!(matches!(EventBatch::decode(&evil), Err(crate::wire::BatchError::Proof { .. })));
+}
+
+#[test]
+fn a_hole_proof_without_before_does_not_decode() {
+    let signer = signer(5);
+    let mut device_ledger = ledger(6);
+    device_ledger.drop_oldest(device(), 2, Millis(9_000));
+    let batch = sealed(&device_ledger, &signer, 1, 100);
+    let mut bytes = Vec::new();
+    batch.encode(&mut bytes);
+    // The hole section is the last 1 + 2 + 32 + 32 + 64 bytes: flag, first, last, before, chain,
+    // signature. Every cut of it is a typed error.
+    let flag_at = bytes.len() - (1 + 2 + 2 * CHAIN_BYTES + SIGNATURE_BYTES);
+    assert_eq!(bytes[flag_at], 2);
+    for cut in flag_at..bytes.len() {
+        assert!(EventBatch::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    // The layout without `before` (flag 1), as an unreleased build wrote it: first, last, chain,
+    // signature. Refused where the flag is, not misread.
+    let mut old = bytes[..flag_at].to_vec();
+    old.extend_from_slice(&[1, 1, 2]);
+    old.extend_from_slice(&batch.proof.as_ref().unwrap().prev.0);
+    old.extend_from_slice(&[7; SIGNATURE_BYTES]);
+    assert_eq!(EventBatch::decode(&old), Err(crate::wire::BatchError::Proof { offset: flag_at }));
 }
 
 #[test]

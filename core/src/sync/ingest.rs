@@ -430,7 +430,8 @@ impl Ingest {
 }
 
 /// Verifies `batch` for a stream that has accepted up to `stream.accepted`: its proof, that it
-/// continues the chain held, that what it repeats equals what is stored, and that it is not a
+/// continues the chain held (also across a hole it starts with, where the hole proof's `before`
+/// meets a chain value held), that what it repeats equals what is stored, and that it is not a
 /// replay of what the client was welcomed with. Returns the chain value after the batch.
 fn check<S: Store + ?Sized>(
     keys: &DeviceKeys,
@@ -446,6 +447,15 @@ fn check<S: Store + ?Sized>(
         if expected != got {
             // Validly signed, yet not the history held: the device signed two.
             return Err(Violation::Equivocation { seq: held });
+        }
+    }
+    if let Some((seq, before)) = verified.before {
+        // Across a hole only the proof's `before` links the batch to what came earlier: where
+        // this end knows the chain there, a different signed value is a second history (a cloned
+        // key whose batch starts with a hole right after what the cloud holds).
+        let known = if seq == Seq::ZERO { Some(ChainHash::genesis(&batch.device)) } else { stream.chain_at(seq) };
+        if known.is_some_and(|known| known != before) {
+            return Err(Violation::Equivocation { seq });
         }
     }
     if batch.last_seq() <= held {

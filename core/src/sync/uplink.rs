@@ -408,17 +408,18 @@ impl Uplink {
                 }
             }
             if let Some(signer) = &self.signer {
+                let dropped = batch.dropped();
                 match batch.proof.as_mut() {
                     Some(proof) => {
                         let head = proof.prev.over(&batch.events);
                         proof.seals =
                             vec![signer.seal(batch.events.last().map_or(batch.from, |event| event.id.seq), &head)];
-                        proof.hole = batch
-                            .events
-                            .first()
-                            .map(|event| event.id.seq)
-                            .filter(|first| *first > batch.from)
-                            .map(|first| signer.hole(batch.from, Seq(first.0 - 1), proof.prev));
+                        // A hole starts right after the last chain value the ledger knows in
+                        // front of it (at `batch.from - 1` when it can), which it signs too.
+                        proof.hole = dropped.map(|(from, last)| {
+                            let (known, before) = store.chain_before(&device, from);
+                            signer.hole(known.next(), last, before, proof.prev)
+                        });
                     }
                     None => {
                         self.n_unsigned += 1;

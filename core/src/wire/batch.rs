@@ -18,9 +18,11 @@
 //!
 //! After the rows, a batch may carry its [`BatchProof`] (see [`crate::auth`]) as a trailing
 //! section, which readers that predate it ignore: `0xA1, prev (32 bytes), n_seals,
-//! (seal seq - from, signature (64 bytes)) * n_seals, has_hole (0 or 1)` and, with a hole,
-//! `first, last, chain (32 bytes), signature (64 bytes)`. Any other first byte is a newer trailer
-//! this build skips.
+//! (seal seq - from, signature (64 bytes)) * n_seals, hole flag` where the flag is `0` for no hole
+//! and `2` for a hole followed by `first, last, before (32 bytes), chain (32 bytes), signature (64
+//! bytes)`. Flag `1` was a hole proof without `before`, never released; it is refused as
+//! malformed (a proof that does not bind the chain before the hole must not verify). Any other
+//! first byte is a newer trailer this build skips.
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
@@ -40,6 +42,10 @@ const CODE_OTHER: u8 = 0x02;
 const CODE_READING_SCALED: u8 = 0x10;
 const SCALE_MAX: u8 = 9;
 const PROOF_TRAILER: u8 = 0xA1;
+/// Hole flag of a proof without a hole.
+const HOLE_NONE: u8 = 0;
+/// Hole flag of a hole proof that binds the chain before the hole (`before`).
+const HOLE_WITH_BEFORE: u8 = 2;
 const POW10: [f64; 10] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 /// Integers beyond this lose precision as f64.
 const EXACT_INT_MAX: f64 = 9_007_199_254_740_992.0;
@@ -282,7 +288,13 @@ impl EventBatch {
             })
             .sum();
         let proof = self.proof.as_ref().map_or(0, |proof| {
-            1 + CHAIN_BYTES + 10 + proof.seals.len() * (10 + SIGNATURE_BYTES) + 1 + 20 + CHAIN_BYTES + SIGNATURE_BYTES
+            1 + CHAIN_BYTES
+                + 10
+                + proof.seals.len() * (10 + SIGNATURE_BYTES)
+                + 1
+                + 20
+                + 2 * CHAIN_BYTES
+                + SIGNATURE_BYTES
         });
         header + rows + proof
     }
@@ -462,11 +474,12 @@ fn encode_proof(proof: &BatchProof, from: Seq, out: &mut Vec<u8>) {
         out.extend_from_slice(&seal.signature);
     }
     match &proof.hole {
-        None => out.push(0),
+        None => out.push(HOLE_NONE),
         Some(hole) => {
-            out.push(1);
+            out.push(HOLE_WITH_BEFORE);
             put_varint(out, hole.first.0);
             put_varint(out, hole.last.0);
+            out.extend_from_slice(&hole.before.0);
             out.extend_from_slice(&hole.chain.0);
             out.extend_from_slice(&hole.signature);
         }
@@ -489,11 +502,13 @@ fn decode_proof(reader: &mut Reader<'_>, from: Seq, last: Seq) -> Result<BatchPr
             from.0.checked_add(reader.varint()?).filter(|seq| *seq <= last.0).ok_or(BatchError::Proof { offset })?;
         seals.push(Seal { seq: Seq(seq), signature: array(reader)? });
     }
+    // Fixed-size fields only: nothing here allocates.
     let hole = match reader.u8()? {
-        0 => None,
-        1 => Some(HoleProof {
+        HOLE_NONE => None,
+        HOLE_WITH_BEFORE => Some(HoleProof {
             first: Seq(reader.varint()?),
             last: Seq(reader.varint()?),
+            before: ChainHash(array(reader)?),
             chain: ChainHash(array(reader)?),
             signature: array(reader)?,
         }),
