@@ -166,9 +166,9 @@ fn run(name: &str, backend: &Backend, options: &Options) -> anyhow::Result<()> {
     lag_events.sort_by(f64::total_cmp);
 
     // Baseline: the same projections fold the same events from position 0.
+    let mut runner = Runner::new(backend.open_writer()?, builtin(rules()));
     let mut writer = backend.open_writer()?;
     writer.begin()?;
-    let mut runner = Runner::new(backend.open_writer()?, builtin(rules()));
     for name in runner.names() {
         writer.clear_projection(&name)?;
     }

@@ -200,7 +200,7 @@ impl Runner {
     }
 
     fn step_in_transaction(&mut self, only: Option<&str>) -> Result<usize, StoreError> {
-        self.writer.begin()?;
+        self.writer.begin_projections()?;
         // Checkpoints are read under the writer lock, so two runners never fold an event twice.
         let selected: Vec<&dyn Projection> = self
             .projections
@@ -280,7 +280,7 @@ impl Runner {
         if !self.projections.iter().any(|projection| projection.name() == name) {
             return Ok(None);
         }
-        self.writer.begin()?;
+        self.writer.begin_projections()?;
         self.writer.clear_projection(name)?;
         self.writer.commit()?;
         tracing::info!(projection = name, "rebuilding from position 0");

@@ -172,6 +172,9 @@ pub enum StoreError {
     /// A write of the open transaction failed, so it was rolled back instead of committed.
     #[error("a write of this transaction failed: rolled back")]
     Poisoned,
+    /// Events were inserted in a transaction opened with [`EventWriter::begin_projections`].
+    #[error("events can only be inserted in a transaction opened with begin (the event writer lock)")]
+    NotEventTransaction,
     /// A worker thread of the store could not start.
     #[error("cannot start a store thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -250,6 +253,14 @@ pub trait EventReader: Send {
 pub trait EventWriter: EventReader {
     /// Opens a transaction and takes the writer lock, if none is open.
     fn begin(&mut self) -> Result<(), StoreError>;
+
+    /// Opens a transaction for projection writes (rows, checkpoints, dead letters), if none is
+    /// open. It serializes with other projection writers but need not wait for event appends:
+    /// PostgreSQL takes a lock of its own, so a projection step never stalls ingest; SQLite has one
+    /// write lock for everything. No events may be inserted in it. By default [`EventWriter::begin`].
+    fn begin_projections(&mut self) -> Result<(), StoreError> {
+        self.begin()
+    }
 
     /// Commits the open transaction. When it returns `Ok`, every write since `begin` is durable.
     fn commit(&mut self) -> Result<(), StoreError>;

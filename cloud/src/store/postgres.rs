@@ -111,6 +111,9 @@ pub struct PostgresStore {
     /// Statements of the write path, prepared once per connection: a cached statement costs one
     /// round trip per use instead of two (parse and describe, then bind and execute).
     prepared: HashMap<&'static str, Statement>,
+    /// Whether the open transaction holds the event writer lock (`begin`), not only the
+    /// projection lock (`begin_projections`).
+    holds_event_lock: bool,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -179,6 +182,7 @@ impl PostgresStore {
             in_transaction: false,
             next_position: 1,
             prepared: HashMap::new(),
+            holds_event_lock: false,
         })
     }
 
@@ -191,6 +195,10 @@ impl PostgresStore {
         sql: &'static str,
     ) -> Result<(usize, Position), StoreError> {
         self.begin()?;
+        if !self.holds_event_lock {
+            // Positions are only ours to assign under the event writer lock.
+            return Err(StoreError::NotEventTransaction);
+        }
         if events.is_empty() {
             return Ok((0, Position(self.next_position - 1)));
         }
@@ -429,6 +437,7 @@ impl EventWriter for PostgresStore {
             let begun =
                 self.client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock(hashtext('{}'))", self.schema));
             self.in_transaction = true;
+            self.holds_event_lock = true;
             let locked = begun.map_err(StoreError::from).and_then(|()| self.head());
             match locked {
                 Ok(head) => self.next_position = head.0 + 1,
@@ -436,6 +445,22 @@ impl EventWriter for PostgresStore {
                     self.rollback();
                     return Err(error);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_projections(&mut self) -> Result<(), StoreError> {
+        if !self.in_transaction {
+            let begun = self.client.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtext('{}:projections'))",
+                self.schema
+            ));
+            self.in_transaction = true;
+            self.holds_event_lock = false;
+            if let Err(error) = begun {
+                self.rollback();
+                return Err(error.into());
             }
         }
         Ok(())
