@@ -20,6 +20,14 @@
 //! highest seq pruned or dropped), absent when unknown. So `read` can always say what the chain
 //! was before the events it returns, and a signing uplink can seal them.
 //!
+//! The `anchor_chain` meta row is the chain value at the commit watermark when it was last known
+//! (8-byte little-endian seq, then the 32-byte value; absent in ledgers written before it and
+//! until the first commit whose chain is known). A batch read from after the commit watermark may
+//! start with a hole once drop-oldest has moved the floor past it; the hole proof then starts
+//! right after the anchor and signs its value as the chain before the hole, which is what the
+//! cloud, holding everything up to the commit, compares with its own (see
+//! `tidesync_core::auth::HoleProof`). An optional row, so the schema version stays 2.
+//!
 //! The store is single-threaded (`&mut self`); [`crate::Agent`] owns one on its writer thread and
 //! turns many producers' requests into group commits.
 
@@ -45,6 +53,8 @@ use crate::error::StoreError;
 
 /// `PRAGMA application_id` of a device ledger ("TSDV"): tells our files from other SQLite files.
 pub const APPLICATION_ID: u32 = 0x5453_4456;
+/// Bytes of the `anchor_chain` meta value: seq (u64 LE) and chain value.
+const ANCHOR_BYTES: usize = 8 + CHAIN_BYTES;
 /// `PRAGMA user_version` this build writes and reads. Version 1 (no chains) is migrated on open.
 pub const SCHEMA_VERSION: i64 = 2;
 /// The schema version before events carried their chain value.
@@ -207,6 +217,9 @@ struct LedgerState {
     head: Option<ChainHash>,
     /// The chain value at `low - 1`, if known (what `floor_chain` in `meta` holds).
     floor: Option<ChainHash>,
+    /// A seq (the commit watermark when it was written) and the chain value after it, if known
+    /// (what `anchor_chain` in `meta` holds).
+    anchor: Option<(Seq, ChainHash)>,
 }
 
 /// The latest desired state for one watcher: a slot that holds only the newest value, so a
@@ -359,6 +372,7 @@ impl DeviceStore {
             migrate_chains(&db, device, low, high)?;
         }
         let floor = floor_chain(&db)?;
+        let anchor = anchor_chain(&db)?;
         let head = if low <= high { stored_chain(&db, high)? } else { floor };
         let state = LedgerState {
             high,
@@ -368,6 +382,7 @@ impl DeviceStore {
             used_bytes: body_bytes + n_events * EVENT_ROW_OVERHEAD_BYTES,
             head,
             floor,
+            anchor,
         };
 
         let mut custody = BTreeMap::new();
@@ -586,6 +601,9 @@ impl DeviceStore {
             return Ok(());
         }
         let before = self.state;
+        // The chain at the commit watermark, while this ledger still knows it: where a hole proof
+        // of a later batch starts, so the cloud can check that it continues what it holds.
+        let anchor = self.chain_at(up_to)?.map(|chain| (up_to, chain));
         if up_to > self.state.high {
             // The cloud holds seqs this ledger never made: its database was lost or replaced.
             // Continue after them, so new events are not taken for duplicates and dropped.
@@ -605,6 +623,15 @@ impl DeviceStore {
                  ON CONFLICT (upstream, kind) DO UPDATE SET seq = max(seq, excluded.seq)",
                 params![COMMIT_UPSTREAM, up_to.0],
             )?;
+            if let Some((seq, chain)) = anchor {
+                let mut value = Vec::with_capacity(ANCHOR_BYTES);
+                value.extend_from_slice(&seq.0.to_le_bytes());
+                value.extend_from_slice(&chain.0);
+                self.db
+                    .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('anchor_chain', ?1)")?
+                    .execute(params![value])?;
+                self.state.anchor = anchor;
+            }
             self.write_state()?;
             self.db.execute_batch("COMMIT")
         });
@@ -1065,6 +1092,29 @@ fn floor_chain(db: &Connection) -> Result<Option<ChainHash>, StoreError> {
     chain_value(bytes).ok_or(StoreError::Meta { key: "floor_chain" })
 }
 
+/// The `anchor_chain` kept in `meta`, if any: `None` when absent (older ledgers, or no commit
+/// whose chain was known yet).
+fn anchor_chain(db: &Connection) -> Result<Option<(Seq, ChainHash)>, StoreError> {
+    let damaged = || StoreError::Meta { key: "anchor_chain" };
+    let bytes: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE key = 'anchor_chain'", [], |row| row.get(0))
+        .optional()
+        .map_err(|error| match error {
+            rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => damaged(),
+            other => StoreError::Sqlite(other),
+        })?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    if bytes.len() != ANCHOR_BYTES {
+        return Err(damaged());
+    }
+    let (seq, chain) = bytes.split_at(8);
+    let seq = <[u8; 8]>::try_from(seq).map_err(|_| damaged())?;
+    let chain = <[u8; CHAIN_BYTES]>::try_from(chain).map_err(|_| damaged())?;
+    Ok(Some((Seq(u64::from_le_bytes(seq)), ChainHash(chain))))
+}
+
 /// Migrates a schema-1 ledger (no chains) in one transaction: adds the `chain` column and, if the
 /// ledger still holds (or covers nothing but) its first event, computes every held event's chain
 /// from genesis; otherwise the chain before the held events is unknown and stays so.
@@ -1302,6 +1352,21 @@ impl Ledger for DeviceStore {
             return Some(ChainHash::genesis(device));
         }
         self.state.head
+    }
+
+    fn chain_before(&self, device: &DeviceId, from: Seq) -> (Seq, ChainHash) {
+        let genesis = (Seq::ZERO, ChainHash::genesis(device));
+        if *device != self.device {
+            return genesis;
+        }
+        let at = Seq(from.0.saturating_sub(1));
+        match self.chain_at(at) {
+            Ok(Some(chain)) => return (at, chain),
+            Ok(None) => {}
+            // A damaged stored chain only makes the hole proof start earlier (wider, still true).
+            Err(error) => tracing::warn!(seq = at.0, %error, "chain value unreadable: hole proof starts earlier"),
+        }
+        self.state.anchor.filter(|(seq, _)| *seq <= at).unwrap_or(genesis)
     }
 }
 

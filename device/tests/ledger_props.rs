@@ -112,7 +112,9 @@ fn check_chains(
             let head = proof.prev.over(&batch.events);
             proof.seals = vec![signer.seal(last, &head)];
             if first > from {
-                proof.hole = Some(signer.hole(from, Seq(first.0 - 1), proof.prev));
+                let (known, before) = store.chain_before(&device, from);
+                prop_assert_eq!(before, model.chain(&device, known.0), "chain before a hole from {}", from);
+                proof.hole = Some(signer.hole(known.next(), Seq(first.0 - 1), before, proof.prev));
             }
         }
         let verified = verify_batch(&keys, &batch, None).map_err(|violation| fail(&violation))?;

@@ -1,6 +1,8 @@
 //! Tests of the hash chain the ledger keeps: stored chains equal a fresh fold of the events across
 //! reopen, pruning and drop-oldest; `read` from any seq says where the chain stood before its
-//! events; a batch that starts with a hole signs and verifies; schema-1 files are migrated.
+//! events; a batch that starts with a hole signs and verifies, its proof starting at the chain
+//! kept for the commit watermark (also across reopen, and without it in older files); schema-1
+//! files are migrated.
 
 use tempfile::TempDir;
 use tidesync_core::auth::{verify_batch, DeviceKeys, DeviceSigner};
@@ -65,13 +67,14 @@ fn check_chains(store: &DeviceStore, history: &History) {
 
 /// Seals a batch as the device's uplink does: a seal at its end, a hole proof if it starts with
 /// a hole.
-fn seal(batch: &mut EventBatch, signer: &DeviceSigner) {
+fn seal(batch: &mut EventBatch, signer: &DeviceSigner, store: &DeviceStore) {
     let (from, first, last) = (batch.from, batch.first_seq(), batch.last_seq());
     let proof = batch.proof.as_mut().unwrap();
     let head = proof.prev.over(&batch.events);
     proof.seals = vec![signer.seal(last, &head)];
     if first > from {
-        proof.hole = Some(signer.hole(from, Seq(first.0 - 1), proof.prev));
+        let (known, before) = store.chain_before(&device(), from);
+        proof.hole = Some(signer.hole(known.next(), Seq(first.0 - 1), before, proof.prev));
     }
 }
 
@@ -131,7 +134,7 @@ fn after_drop_oldest_the_hole_batch_signs_and_verifies() {
     // and what the cloud then holds is the device's chain head.
     for from in [1, first_held - 1, first_held, first_held + 3] {
         let mut batch = store.read(&device(), Seq(from), 1000).unwrap().unwrap();
-        seal(&mut batch, &signer);
+        seal(&mut batch, &signer, &store);
         let verified = verify_batch(&keys, &batch, None).unwrap_or_else(|violation| panic!("from {from}: {violation}"));
         assert_eq!(Some(verified.head), store.chain_head(&device()));
         // The same batch with its first held event changed does not verify.
@@ -200,4 +203,85 @@ fn a_damaged_chain_value_is_an_error_not_a_wrong_proof() {
     drop(store);
     let error = DeviceStore::open(&path(&dir), Some(device()), LedgerConfig::default()).unwrap_err();
     assert!(matches!(error, StoreError::Meta { key: "floor_chain" }), "{error}");
+}
+
+/// A drop-oldest ledger of `12` events' budget that holds 1..=10, has 1..=6 committed (and
+/// pruned), then records 12 more, so that it drops 7.. under pressure.
+fn committed_then_dropped(dir: &TempDir) -> (DeviceStore, History) {
+    let cost = reading(0.0).cost_bytes();
+    let config =
+        LedgerConfig { budget_bytes: 12 * cost, full_policy: FullPolicy::DropOldest, ..LedgerConfig::default() };
+    let mut store = DeviceStore::create(&path(dir), device(), config).unwrap();
+    let mut history = History::default();
+    for i in 0..10 {
+        store.record(Millis(1_000 + i), &[reading(i as f64)]).unwrap();
+    }
+    history.take(&store);
+    store.mark_committed_seq(Seq(6)).unwrap();
+    store.prune_all().unwrap();
+    for i in 10..22 {
+        store.record(Millis(1_000 + i), &[reading(i as f64)]).unwrap();
+        history.take(&store);
+    }
+    assert!(store.status().unwrap().first_held_seq > 8, "7 and more were dropped");
+    (store, history)
+}
+
+#[test]
+fn a_hole_after_the_commit_watermark_is_proven_from_the_chain_at_it() {
+    let dir = TempDir::new().unwrap();
+    let (store, history) = committed_then_dropped(&dir);
+    let signer = DeviceSigner::from_seed(device(), [8; 32]);
+    let mut keys = DeviceKeys::new();
+    keys.insert(device(), signer.public_key()).unwrap();
+    let at_commit = (Seq(6), history.chain(Seq(6)));
+    // The floor moved past the dropped events; the chain at the commit watermark is kept.
+    assert_eq!(store.chain_before(&device(), Seq(7)), at_commit);
+    let store = reopen(&dir, store);
+    assert_eq!(store.chain_before(&device(), Seq(7)), at_commit);
+    // What the uplink sends to a gateway that holds up to the commit: a hole 7.. whose proof
+    // names the chain at 6, which is what the cloud holds there.
+    let mut batch = store.read(&device(), Seq(7), 1000).unwrap().unwrap();
+    seal(&mut batch, &signer, &store);
+    let hole = batch.proof.as_ref().unwrap().hole.unwrap();
+    assert_eq!((hole.first, hole.before), (Seq(7), at_commit.1));
+    let verified = verify_batch(&keys, &batch, None).unwrap();
+    assert_eq!(verified.before, Some(at_commit));
+    assert_eq!(Some(verified.head), store.chain_head(&device()));
+    // From further back the chain is known only at genesis: a wider hole, still proven.
+    assert_eq!(store.chain_before(&device(), Seq(4)), (Seq(0), ChainHash::genesis(&device())));
+    // From inside the held run, the chain right before is known exactly.
+    let first_held = Seq(store.status().unwrap().first_held_seq);
+    assert_eq!(
+        store.chain_before(&device(), first_held),
+        (Seq(first_held.0 - 1), history.chain(Seq(first_held.0 - 1)))
+    );
+}
+
+#[test]
+fn a_ledger_without_the_anchor_row_still_proves_its_holes_and_a_damaged_row_is_an_error() {
+    // As the build before the anchor wrote it: no `anchor_chain` row. It opens, and a hole proof
+    // starts at genesis (true, only wider).
+    let dir = TempDir::new().unwrap();
+    let (store, _) = committed_then_dropped(&dir);
+    store.connection().execute("DELETE FROM meta WHERE key = 'anchor_chain'", []).unwrap();
+    let mut store = reopen(&dir, store);
+    assert_eq!(store.chain_before(&device(), Seq(7)), (Seq(0), ChainHash::genesis(&device())));
+    let signer = DeviceSigner::from_seed(device(), [8; 32]);
+    let mut keys = DeviceKeys::new();
+    keys.insert(device(), signer.public_key()).unwrap();
+    let mut batch = store.read(&device(), Seq(7), 1000).unwrap().unwrap();
+    seal(&mut batch, &signer, &store);
+    assert_eq!(verify_batch(&keys, &batch, None).unwrap().before, Some((Seq(0), ChainHash::genesis(&device()))));
+    // The next commit whose chain is known writes the row again.
+    let high = store.high(&device());
+    store.mark_committed_seq(high).unwrap();
+    let head = store.chain_head(&device()).unwrap();
+    let store = reopen(&dir, store);
+    assert_eq!(store.chain_before(&device(), high.next()), (high, head));
+
+    store.connection().execute("UPDATE meta SET value = x'0102' WHERE key = 'anchor_chain'", []).unwrap();
+    drop(store);
+    let error = DeviceStore::open(&path(&dir), Some(device()), LedgerConfig::default()).unwrap_err();
+    assert!(matches!(error, StoreError::Meta { key: "anchor_chain" }), "{error}");
 }
