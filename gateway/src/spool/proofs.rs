@@ -12,8 +12,10 @@ use tidesync_core::wire::EventBatch;
 
 /// Bytes of one stored seal: seq (u64 LE) and signature.
 const SEAL_BYTES: usize = 8 + SIGNATURE_BYTES;
-/// Bytes of a stored hole proof: first, last (u64 LE), chain and signature.
-const HOLE_BYTES: usize = 16 + CHAIN_BYTES + SIGNATURE_BYTES;
+/// Bytes of a stored hole proof: first, last (u64 LE), the chain before and after the hole, and
+/// the signature. The earlier layout without the chain before (112 bytes) never shipped; such a
+/// row reads as corrupt, since its signature could not verify at the cloud anyway.
+const HOLE_BYTES: usize = 16 + 2 * CHAIN_BYTES + SIGNATURE_BYTES;
 
 /// One stored batch proof.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +119,7 @@ pub(crate) fn encode_hole(hole: &HoleProof) -> Vec<u8> {
     let mut out = Vec::with_capacity(HOLE_BYTES);
     out.extend_from_slice(&hole.first.0.to_le_bytes());
     out.extend_from_slice(&hole.last.0.to_le_bytes());
+    out.extend_from_slice(&hole.before.0);
     out.extend_from_slice(&hole.chain.0);
     out.extend_from_slice(&hole.signature);
     out
@@ -129,10 +132,12 @@ pub(crate) fn decode_hole(bytes: &[u8]) -> Option<HoleProof> {
     }
     let (first, rest) = bytes.split_at(8);
     let (last, rest) = rest.split_at(8);
+    let (before, rest) = rest.split_at(CHAIN_BYTES);
     let (chain, signature) = rest.split_at(CHAIN_BYTES);
     Some(HoleProof {
         first: Seq(u64::from_le_bytes(first.try_into().ok()?)),
         last: Seq(u64::from_le_bytes(last.try_into().ok()?)),
+        before: ChainHash(before.try_into().ok()?),
         chain: ChainHash(chain.try_into().ok()?),
         signature: signature.try_into().ok()?,
     })

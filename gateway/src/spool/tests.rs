@@ -8,7 +8,7 @@ use tidesync_core::ledger::{Ledger, LedgerError, MemLedger};
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
 
-use super::Spool;
+use super::{proofs, Spool};
 
 fn device(name: &str) -> DeviceId {
     DeviceId::new(name).unwrap()
@@ -147,7 +147,10 @@ fn signed_batches(ledger: &MemLedger, device_id: DeviceId, from: Seq, batch_even
         let proof = batch.proof.as_mut().expect("a device ledger knows its chain");
         let head = proof.prev.over(&batch.events);
         proof.seals = vec![signer.seal(last, &head)];
-        proof.hole = (first > batch.from).then(|| signer.hole(batch.from, Seq(first.0 - 1), proof.prev));
+        proof.hole = (first > batch.from).then(|| {
+            let (known, before) = ledger.chain_before(&device_id, batch.from);
+            signer.hole(known.next(), Seq(first.0 - 1), before, proof.prev)
+        });
         next = last.next();
         batches.push(batch);
     }
@@ -303,6 +306,28 @@ fn a_corrupt_proof_row_is_a_storage_error_not_a_panic() {
     spool.commit().unwrap();
     spool.db.execute("UPDATE proofs SET seals = x'0102'", []).unwrap();
     assert!(matches!(spool.read(&pump, Seq(1), 10), Err(LedgerError::Storage(_))));
+}
+
+#[test]
+fn a_hole_proof_round_trips_with_the_chain_before_and_the_old_layout_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = open(&dir.path().join("spool.db"), u64::MAX);
+    let pump = device("pump-7");
+    let mut source = recorded(pump, 8);
+    source.drop_oldest(pump, 3, Millis(9_000));
+    let batch = signed_batches(&source, pump, Seq(1), 100).remove(0);
+    let hole = batch.proof.as_ref().unwrap().hole.unwrap();
+    assert_eq!(proofs::decode_hole(&proofs::encode_hole(&hole)), Some(hole));
+    spool.append(&batch).unwrap();
+    spool.commit().unwrap();
+    let read = spool.read(&pump, Seq(1), 100).unwrap().unwrap();
+    assert_eq!(read.proof.as_ref().unwrap().hole, Some(hole));
+    verify_batch(&keys(pump), &read, None).unwrap();
+    // A row in the layout without the chain before the hole (first, last, chain, signature).
+    let mut old = proofs::encode_hole(&hole);
+    old.drain(16..16 + tidesync_core::auth::CHAIN_BYTES);
+    spool.db.execute("UPDATE proofs SET hole = ?1 WHERE hole IS NOT NULL", [old]).unwrap();
+    assert!(matches!(spool.read(&pump, Seq(1), 100), Err(LedgerError::Storage(_))));
 }
 
 proptest! {
