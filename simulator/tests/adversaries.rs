@@ -1,7 +1,7 @@
 //! Whole-run tests of the simulator's adversaries (issue 8, point 4): over a fixed set of seeds
-//! an evil gateway makes every kind of attack and a cloned device signs a second history; the
-//! checks find every attack the cloud examined, no alarm the ground truth does not explain, and
-//! no attacked data in the store. A cloud that does not verify lets attacks through, and the
+//! an evil gateway makes every kind of attack and a cloned device signs a second history (also
+//! when the pair runs short of storage and declares holes); the checks find every attack the
+//! cloud examined, no alarm the ground truth does not explain, and no attacked data in the store. A cloud that does not verify lets attacks through, and the
 //! checks say so.
 //!
 //! `TIDESYNC_SIM_ADVERSARY_SEEDS=N` runs N seeds instead of the default set (for soak runs).
@@ -75,6 +75,30 @@ fn a_cloned_device_is_caught_equivocating_and_one_history_is_kept() {
     }
     assert!(n_clones >= 3, "only {n_clones} of 12 seeds drew a clone");
     assert_eq!(n_caught, n_clones, "every clone that reached the cloud is caught as an equivocation");
+}
+
+#[test]
+fn a_clone_short_of_storage_declares_holes_and_is_still_caught() {
+    // The cloned pair may drop events and start batches with holes: a hole proof signs the chain
+    // in front of the hole, so the fork cannot hide behind one.
+    let mut n_short = 0;
+    for seed in 200..240 {
+        let options = adversarial(seed);
+        let outcome = run(options, |_, _| {});
+        let drawn = outcome.security.drawn.clone().expect("adversaries drawn");
+        if drawn.cloned_device.is_none() || drawn.clone_storage_events_max.is_none() {
+            continue;
+        }
+        assert!(outcome.passed(), "{outcome}");
+        assert!(outcome.stats.n_dropped > 0, "the pair short of storage dropped nothing: {outcome}");
+        let n_violations: u64 = outcome.security.violations.values().sum();
+        assert_eq!(n_violations, outcome.security.n_detected() + outcome.security.clone_equivocations, "{outcome}");
+        n_short += 1;
+        if n_short == 4 {
+            break;
+        }
+    }
+    assert_eq!(n_short, 4, "too few seeds drew a clone short of storage");
 }
 
 #[test]

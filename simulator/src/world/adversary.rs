@@ -44,6 +44,10 @@ pub const KEY_STREAM: u64 = 0x6b65_7973;
 pub const ADVERSARY_STREAM: u64 = 0x6576_696c;
 /// Old batches the evil gateway keeps to replay or splice later.
 const CAPTURED_MAX: usize = 32;
+/// Smallest storage budget (events) a cloned pair short of storage is drawn.
+const CLONE_STORAGE_EVENTS_MIN: u64 = 8;
+/// Largest storage budget (events) a cloned pair short of storage is drawn.
+const CLONE_STORAGE_EVENTS_MAX: u64 = 40;
 /// Most failures of one kind the security check reports.
 const FAILURES_MAX: usize = 8;
 
@@ -120,6 +124,9 @@ pub struct DrawnAdversaries {
     pub cloned_device: Option<usize>,
     /// The gateway the clone talks through (never the original's).
     pub clone_gateway: usize,
+    /// The cloned pair's storage budget in events, if small (both drop their oldest events and
+    /// declare holes under pressure).
+    pub clone_storage_events_max: Option<usize>,
 }
 
 impl fmt::Display for DrawnAdversaries {
@@ -130,8 +137,12 @@ impl fmt::Display for DrawnAdversaries {
             self.evil_gateway, self.attack_percent
         )?;
         match self.cloned_device {
-            Some(device) => write!(f, ", device d{device:05} cloned behind gateway g{:03}", self.clone_gateway),
-            None => write!(f, ", no cloned device"),
+            Some(device) => write!(f, ", device d{device:05} cloned behind gateway g{:03}", self.clone_gateway)?,
+            None => write!(f, ", no cloned device")?,
+        }
+        match self.clone_storage_events_max {
+            Some(events_max) => write!(f, " (the pair keeps at most {events_max} events)"),
+            None => Ok(()),
         }
     }
 }
@@ -605,23 +616,33 @@ impl World {
         let cloned_device = (clone_wanted && n_gateways > 1 && !self.devices.is_empty())
             .then(|| dice::index(&mut rng, self.devices.len()));
         let mut clone_gateway = 0;
+        let mut clone_storage_events_max = None;
         if let Some(original) = cloned_device {
             let home = self.devices[original].home;
             clone_gateway = (home + 1 + dice::index(&mut rng, n_gateways - 1)) % n_gateways;
+            // Half the clones run short of storage, so that they declare holes (the fork may then
+            // sit right behind a hole; its proof still shows it).
+            if dice::chance(&mut rng, 50) {
+                let events_max = dice::range(&mut rng, CLONE_STORAGE_EVENTS_MIN, CLONE_STORAGE_EVENTS_MAX) as usize;
+                self.devices[original].storage_events_max = Some(events_max);
+                clone_storage_events_max = Some(events_max);
+            }
             self.add_clone(original, clone_gateway, &mut rng);
         }
-        let drawn = DrawnAdversaries { evil_gateway, attack_percent, cloned_device, clone_gateway };
+        let drawn =
+            DrawnAdversaries { evil_gateway, attack_percent, cloned_device, clone_gateway, clone_storage_events_max };
         self.drawn.adversaries = Some(drawn.clone());
         self.security.adversary = Some(Adversary { drawn, rng, captured: Vec::new(), welcomed: BTreeMap::new() });
     }
 
-    /// One more device with `original`'s identity and key, behind another gateway. Both keep
-    /// all they record (no small storage budget): a clone that declares a hole right after what
-    /// the cloud holds hides where the histories fork (see the report).
+    /// One more device with `original`'s identity and key, behind another gateway, with the
+    /// original's storage budget: under pressure both drop their oldest events and declare holes.
+    /// A hole proof signs the chain in front of the hole, so a clone's batch that starts with a
+    /// hole right after what the cloud holds is still refused as an equivocation.
     fn add_clone(&mut self, original: usize, gateway: usize, rng: &mut ChaCha8Rng) {
         let id = self.devices[original].id;
         let clone = self.devices.len();
-        self.devices[original].storage_events_max = None;
+        let storage_events_max = self.devices[original].storage_events_max;
         let clock_offset_ms = self.devices[original].clock_offset_ms + dice::range(rng, 1, 30_000) as i64;
         self.devices.push(Device {
             id,
@@ -632,7 +653,7 @@ impl World {
             link: LinkState::default(),
             clock_offset_ms,
             rtc_reset_at: None,
-            storage_events_max: None,
+            storage_events_max,
             backoff_ms: RECONNECT_MS_MIN,
             connect_pending: false,
             n_readings: 0,
