@@ -39,6 +39,18 @@ impl Default for ShadowLimits {
     }
 }
 
+impl ShadowLimits {
+    /// Most bytes that the DEFLATE-compressed parts of one input (a saved document, an increment,
+    /// the changes of one sync message) may inflate to: twice [`ShadowLimits::bytes_max`]. A
+    /// shadow within its bound saves columns that inflate to at most `bytes_max` (the uncompressed
+    /// document is what the bound measures), and the changes of a sync message carry the same ops;
+    /// the factor two leaves room for changes the receiver already has and for per-change
+    /// headers. Anything beyond is refused before automerge inflates it.
+    pub fn inflated_max(&self) -> usize {
+        self.bytes_max.saturating_mul(2)
+    }
+}
+
 /// The two sections of a shadow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Section {
@@ -87,6 +99,13 @@ pub enum ShadowError {
     /// A key is empty.
     #[error("shadow keys may not be empty")]
     EmptyKey,
+    /// The compressed parts of the input would inflate past [`ShadowLimits::inflated_max`] (a
+    /// decompression bomb); refused before automerge inflates them, the shadow is unchanged.
+    #[error("compressed automerge data would inflate past {max_bytes} bytes")]
+    InflatesTooLarge {
+        /// The limit, [`ShadowLimits::inflated_max`].
+        max_bytes: usize,
+    },
     /// automerge panicked while parsing the bytes (a library bug on malformed input, found by
     /// fuzzing); the shadow is unchanged.
     #[error("malformed automerge bytes (the parser panicked)")]
@@ -99,6 +118,21 @@ pub enum ShadowError {
 /// must never take the process down. Only copies are parsed, so nothing half-changed is kept.
 fn guarded<T>(parse: impl FnOnce() -> Result<T, ShadowError>) -> Result<T, ShadowError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or(Err(ShadowError::Malformed))
+}
+
+/// Refuses `chunks` (each a run of automerge chunks) when their compressed parts would together
+/// inflate past `limits.inflated_max()`, measured without keeping what is inflated (see
+/// `inflate.rs`); automerge would otherwise allocate all of it before any other check runs.
+fn bound_inflation<'a>(chunks: impl IntoIterator<Item = &'a [u8]>, limits: ShadowLimits) -> Result<(), ShadowError> {
+    let max_bytes = limits.inflated_max();
+    let mut budget = max_bytes;
+    for bytes in chunks {
+        if inflate::charge(bytes, &mut budget).is_err() {
+            tracing::warn!(max_bytes, "shadow bytes refused: compressed parts inflate past the limit");
+            return Err(ShadowError::InflatesTooLarge { max_bytes });
+        }
+    }
+    Ok(())
 }
 
 /// The automerge sync state of one peer (one session): what we believe the peer has.
@@ -141,6 +175,7 @@ impl Shadow {
     /// Loads a saved shadow (from [`Shadow::save`], possibly followed by incremental saves) and
     /// continues it as `replica`.
     pub fn load(bytes: &[u8], replica: &str, limits: ShadowLimits) -> Result<Self, ShadowError> {
+        bound_inflation([bytes], limits)?;
         let mut doc = guarded(|| Ok(AutoCommit::load(bytes)?))?;
         doc.set_actor(ActorId::from(replica.as_bytes()));
         let saved_heads = doc.get_heads();
@@ -153,6 +188,7 @@ impl Shadow {
     /// Applies bytes from [`Shadow::save_incremental`] (or whole saved documents) to this shadow.
     /// Returns the number of new operations.
     pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<usize, ShadowError> {
+        bound_inflation([bytes], self.limits)?;
         let mut trial = self.doc.clone();
         let n_ops = guarded(|| Ok(trial.load_incremental(bytes)?))?;
         self.accept(trial)?;
@@ -250,7 +286,10 @@ impl Shadow {
     /// Applies a sync message from `peer`. Returns whether the document changed. A message that
     /// does not decode, or that would grow the shadow past its bound, leaves it unchanged.
     pub fn receive_sync_message(&mut self, peer: &mut PeerSync, message: &[u8]) -> Result<bool, ShadowError> {
+        // Decoding only splits the message; the changes are inflated when applied, so they are
+        // bounded in between.
         let message = guarded(|| Ok(automerge::sync::Message::decode(message)?))?;
+        bound_inflation(message.changes.iter(), self.limits)?;
         let heads_before = self.doc.get_heads();
         let mut trial = self.doc.clone();
         let mut trial_state = peer.state.clone();
@@ -404,5 +443,6 @@ fn delta(desired: &Value, reported: &Value) -> Option<Value> {
     }
 }
 
+mod inflate;
 #[cfg(test)]
 mod tests;

@@ -217,9 +217,8 @@ fn shadow_bound(len: usize) -> usize {
 
 #[test]
 fn shadow_decoding_allocation_is_bounded_for_incompressible_content() {
-    // Shadows as devices fill them: many keys with varied values. (A document whose values
-    // compress well is not bounded this way: automerge inflates DEFLATE-compressed columns and
-    // changes before the shadow's size check sees them; see BENCHMARKS.md, fuzzing notes.)
+    // Shadows as devices fill them: many keys with varied values. (Values that compress well are
+    // bounded by the inflation limit instead: the next test.)
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut device = Shadow::new("device:pump-7", ShadowLimits::default());
     for index in 0..60 {
@@ -252,4 +251,23 @@ fn shadow_decoding_allocation_is_bounded_for_incompressible_content() {
     }
     assert!(checked >= 2, "the exchange sent the changes ({checked} messages)");
     assert_eq!(cloud.reported(), device.reported(), "the sync completed");
+}
+
+#[test]
+fn shadow_decompression_bombs_allocate_in_proportion_to_their_input() {
+    // About 8 KB each that automerge alone would inflate to 8 MiB before any check of ours: a
+    // saved document and the sync message carrying it (core/tests/fuzz-crashers). Refused with at
+    // most the inflation limit's worth of work, and no allocation in proportion to it.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-crashers/");
+    for name in ["shadow_doc_inflate_bomb.bin", "shadow_sync_inflate_bomb.bin"] {
+        let bytes = std::fs::read(format!("{dir}{name}")).expect("read");
+        let mut shadow = Shadow::new("cloud", ShadowLimits::default());
+        // Every entry point on both (fuzz_crashers.rs checks which refuses what).
+        let peak = peak_while(|| {
+            let _ = Shadow::load(&bytes, "cloud", ShadowLimits::default());
+            let _ = shadow.load_incremental(&bytes);
+            let _ = shadow.receive_sync_message(&mut PeerSync::new(), &bytes);
+        });
+        assert!(peak <= shadow_bound(bytes.len()), "{name}: {} bytes allocated {peak} bytes", bytes.len());
+    }
 }

@@ -64,6 +64,24 @@ fn every_crasher_is_handled() {
                 assert!(shadow.load_incremental(&bytes).is_err(), "{name}: refused as an increment");
                 assert_eq!(shadow.to_json(), before, "{name}: the shadow is unchanged");
             }
+            "shadow_doc_inflate_bomb.bin" | "shadow_sync_inflate_bomb.bin" => {
+                // 8 KB that automerge would inflate to 8 MiB (one compressible value on the shared
+                // genesis; the first is a saved document, the second the sync message carrying
+                // it): refused before automerge inflates anything, in every entry point.
+                let limits = ShadowLimits::default();
+                let bomb = |result: Result<(), ShadowError>| {
+                    assert!(matches!(result, Err(ShadowError::InflatesTooLarge { .. })), "{name}: {result:?}")
+                };
+                let mut shadow = Shadow::new("replay", limits);
+                let before = shadow.to_json();
+                if name.starts_with("shadow_doc") {
+                    bomb(Shadow::load(&bytes, "replay", limits).map(drop));
+                    bomb(shadow.load_incremental(&bytes).map(drop));
+                } else {
+                    bomb(shadow.receive_sync_message(&mut PeerSync::new(), &bytes).map(drop));
+                }
+                assert_eq!(shadow.to_json(), before, "{name}: the shadow is unchanged");
+            }
             "seq_overflow.bin" => {
                 assert!(matches!(result, Err(DecodeError::Batch(BatchError::SeqRange))), "{name}: {result:?}")
             }

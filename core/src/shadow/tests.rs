@@ -137,3 +137,117 @@ fn keys_may_not_be_empty_and_values_not_too_deep() {
     }
     assert!(matches!(shadow.set(Section::Reported, "deep", &deep), Err(ShadowError::TooDeep(_))));
 }
+
+/// A document as a hostile peer would build it on the shared genesis: one value of `len` bytes
+/// that compresses about a thousand to one. Returns the saved document and the sync message that
+/// carries it to a replica that has only the genesis.
+fn compressed_bomb(len: usize) -> (Vec<u8>, Vec<u8>) {
+    use automerge::sync::SyncDoc;
+    let genesis = Shadow::new("device:evil", ShadowLimits::default()).doc;
+    let mut doc = genesis.clone();
+    let reported = section_id(&doc, Section::Reported).unwrap();
+    doc.put(&reported, "blob", "a".repeat(len)).unwrap();
+    doc.commit();
+    let saved = doc.save();
+    // One round trip so that the sender knows what the receiver lacks and sends the changes.
+    let (mut state, mut peer_state, mut peer) = (automerge::sync::State::new(), automerge::sync::State::new(), genesis);
+    let hello = doc.sync().generate_sync_message(&mut state).unwrap();
+    peer.sync().receive_sync_message(&mut peer_state, hello).unwrap();
+    let reply = peer.sync().generate_sync_message(&mut peer_state).unwrap();
+    doc.sync().receive_sync_message(&mut state, reply).unwrap();
+    let message = doc.sync().generate_sync_message(&mut state).unwrap().encode();
+    (saved, message)
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
+    let limits = ShadowLimits::default();
+    let (saved, message) = compressed_bomb(1 << 20);
+    assert!(saved.len() < 4_096 && message.len() < 4_096, "{} and {} bytes", saved.len(), message.len());
+    let max_bytes = limits.inflated_max();
+    let error = Shadow::load(&saved, "cloud", limits).unwrap_err();
+    assert!(matches!(error, ShadowError::InflatesTooLarge { max_bytes: m } if m == max_bytes), "{error}");
+
+    let mut shadow = Shadow::new("cloud", limits);
+    shadow.set(Section::Desired, "rate_s", &Value::Int(5)).unwrap();
+    let before = shadow.to_json();
+    let mut peer = PeerSync::new();
+    let error = shadow.receive_sync_message(&mut peer, &message).unwrap_err();
+    assert!(matches!(error, ShadowError::InflatesTooLarge { .. }), "{error}");
+    let error = shadow.load_incremental(&saved).unwrap_err();
+    assert!(matches!(error, ShadowError::InflatesTooLarge { .. }), "{error}");
+    assert_eq!(shadow.to_json(), before, "a refused bomb changes nothing");
+    // The session goes on: a legitimate message from the same peer state is still taken.
+    let mut honest = Shadow::new("device:d", limits);
+    honest.set(Section::Reported, "fw", &text("1.0")).unwrap();
+    let mut to_cloud = PeerSync::new();
+    for _ in 0..4 {
+        if let Some(message) = honest.generate_sync_message(&mut to_cloud) {
+            shadow.receive_sync_message(&mut peer, &message).unwrap();
+        }
+        if let Some(message) = shadow.generate_sync_message(&mut peer) {
+            honest.receive_sync_message(&mut to_cloud, &message).unwrap();
+        }
+    }
+    assert_eq!(shadow.get(Section::Reported, "fw"), Some(text("1.0")));
+}
+
+#[test]
+fn the_inflation_walk_sees_automerge_s_compressed_columns_and_changes() {
+    // Just below the limit the same bomb is charged in full, so the walk finds automerge's
+    // compressed data where automerge puts it (document columns and sync-message changes).
+    let limits = ShadowLimits { bytes_max: 64 * 1024 };
+    let (saved, message) = compressed_bomb(100_000);
+    let mut budget = usize::MAX;
+    inflate::charge(&saved, &mut budget).unwrap();
+    let doc_charge = usize::MAX - budget;
+    assert!((100_000..110_000).contains(&doc_charge), "document charged {doc_charge}");
+    let decoded = automerge::sync::Message::decode(&message).unwrap();
+    let mut budget = usize::MAX;
+    for chunk in decoded.changes.iter() {
+        inflate::charge(chunk, &mut budget).unwrap();
+    }
+    let message_charge = usize::MAX - budget;
+    assert!((100_000..110_000).contains(&message_charge), "message charged {message_charge}");
+    // Within the inflation limit, the bytes reach automerge and the size bound refuses them.
+    let error = Shadow::new("cloud", limits).receive_sync_message(&mut PeerSync::new(), &message).unwrap_err();
+    assert!(matches!(error, ShadowError::TooLarge { .. }), "{error}");
+}
+
+#[test]
+fn shadows_near_their_bound_load_and_sync_within_the_inflation_limit() {
+    // Compressible values (so automerge deflates columns) filling most of the bound, edited over
+    // and over so that history counts too.
+    let limits = ShadowLimits { bytes_max: 16 * 1024 };
+    let mut device = Shadow::new("device:d", limits);
+    let mut round = 0;
+    'fill: loop {
+        for key in 0..20 {
+            let value = text(&format!("{round:04}-{}", "abcdefgh".repeat(8)));
+            match device.set(Section::Reported, &format!("key-{key}"), &value) {
+                Ok(()) => {}
+                Err(ShadowError::TooLarge { .. }) => break 'fill,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        round += 1;
+    }
+    let saved = device.save();
+    let mut budget = usize::MAX;
+    inflate::charge(&saved, &mut budget).unwrap();
+    assert!(usize::MAX - budget > 0, "the saved document has compressed columns");
+    let loaded = Shadow::load(&saved, "cloud", limits).unwrap();
+    assert_eq!(loaded.to_json(), device.to_json());
+
+    let mut cloud = Shadow::new("cloud", limits);
+    let (mut to_cloud, mut to_device) = (PeerSync::new(), PeerSync::new());
+    for _ in 0..8 {
+        if let Some(message) = device.generate_sync_message(&mut to_cloud) {
+            cloud.receive_sync_message(&mut to_device, &message).unwrap();
+        }
+        if let Some(message) = cloud.generate_sync_message(&mut to_device) {
+            device.receive_sync_message(&mut to_cloud, &message).unwrap();
+        }
+    }
+    assert_eq!(cloud.to_json(), device.to_json(), "a full sync of a shadow at its bound completes");
+}
