@@ -283,7 +283,8 @@ fn signed(mut batch: EventBatch) -> EventBatch {
     let signer = signer();
     let prev = ChainHash::genesis(&batch.device);
     let head = prev.over(batch.events.iter());
-    let hole = batch.dropped().map(|(first, last)| signer.hole(first, last, prev));
+    // The seeds' chains start at genesis, which is also the chain before a hole from seq 1.
+    let hole = batch.dropped().map(|(first, last)| signer.hole(first, last, ChainHash::genesis(&batch.device), prev));
     batch.proof = Some(BatchProof { prev, seals: vec![signer.seal(batch.last_seq(), &head)], hole });
     batch
 }
