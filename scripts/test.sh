@@ -25,6 +25,10 @@ cargo fmt --all -- --check
 step "clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "fuzz crates compile on stable (outside the workspace, so clippy and the tests miss them)"
+cargo check --locked --manifest-path core/fuzz/Cargo.toml --bins --examples
+cargo check --locked --manifest-path cloud/fuzz/Cargo.toml --bins --examples
+
 step "core builds as no_std for thumbv7em-none-eabihf"
 cargo build --locked -p tidesync-core --no-default-features --target thumbv7em-none-eabihf
 
