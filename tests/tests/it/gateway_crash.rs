@@ -1,5 +1,6 @@
 //! The real `tidesync-gateway` process killed with SIGKILL mid-stream and restarted: nothing it
 //! acknowledged is lost, and nothing reaches the cloud twice. Then SIGTERM stops it cleanly.
+//! The device signs and the cloud verifies: the seals survive the crash in the spool.
 
 use std::time::{Duration, Instant};
 
@@ -11,13 +12,15 @@ use tidesync_core::shadow::ShadowLimits;
 use tidesync_gateway::spool::Spool;
 use tidesync_tests::*;
 
-use super::{device, gateway, spawn_gateway, wait_until_serving, TEST_TIMEOUT};
+use super::{device, gateway, signed_session, spawn_gateway, verifying_cloud, wait_until_serving, TEST_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(dir.path()).unwrap();
-    let cloud = TestCloud::start(&mut fleet, loopback_any()).unwrap();
+    let pump = device("pump-1");
+    let session = signed_session(&fleet, pump);
+    let cloud = verifying_cloud(&mut fleet);
     let quic_addr = free_udp_port().unwrap();
     let metrics_addr = free_tcp_port().unwrap();
     let settings = GatewaySettings {
@@ -31,7 +34,6 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing_up
     let mut child = spawn_gateway(&config, &log);
     wait_until_serving(metrics_addr).await;
 
-    let pump = device("pump-1");
     let n_events = 6_000;
     let client = device_client(&mut fleet, pump).unwrap();
     let mut store = device_store(pump, n_events).unwrap();
@@ -45,7 +47,9 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing_up
         }
         mid
     };
-    sync_device(&mut store, pump, &client, quic_addr, &mut progress, kill_mid_stream, TEST_TIMEOUT).await.unwrap();
+    sync_device_with(&session, &mut store, pump, &client, quic_addr, &mut progress, kill_mid_stream, TEST_TIMEOUT)
+        .await
+        .unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success(), "gateway was not killed: {status}");
     let acknowledged = progress.custody;
@@ -61,10 +65,13 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing_up
     let mut child = spawn_gateway(&config, &log);
     wait_until_serving(metrics_addr).await;
     let done = |_: &_, progress: &DeviceProgress| progress.committed == Seq(n_events);
-    sync_device_until(&mut store, pump, &client, quic_addr, &mut progress, done, TEST_TIMEOUT).await.unwrap();
+    sync_device_until_with(&session, &mut store, pump, &client, quic_addr, &mut progress, done, TEST_TIMEOUT)
+        .await
+        .unwrap();
     assert!(store.ledger.is_empty());
     {
         let state = cloud.lock();
+        assert!(state.violations.is_empty(), "the crash raised alarms: {:?}", state.violations);
         let seqs: Vec<u64> = state.store.ledger.events(&pump).map(|event| event.id.seq.0).collect();
         assert_eq!(seqs, (1..=n_events).collect::<Vec<_>>());
         assert_eq!(state.n_new[&pump], n_events, "an event took effect twice upstream");

@@ -11,11 +11,15 @@ mod roaming_spool_drain;
 mod security;
 mod tls_refusals;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidesync_core::auth::{DeviceKeys, SEED_BYTES};
 use tidesync_core::event::{DeviceId, GatewayId};
+use tidesync_gateway::pki_cli;
+use tidesync_tests::{loopback_any, DeviceSession, Fleet, TestCloud};
 
 /// Every test finishes well inside this.
 const TEST_TIMEOUT: Duration = Duration::from_secs(40);
@@ -26,6 +30,37 @@ fn device(name: &str) -> DeviceId {
 
 fn gateway(name: &str) -> GatewayId {
     GatewayId::new(name).unwrap()
+}
+
+/// Issues `device`'s signing key with the fleet PKI's own code (`pki_cli::rotate_key`, which
+/// `tidesync-gateway pki issue --device` runs for a device's first key): a seed from the OS random
+/// number generator written as `FLEET_DIR/NAME.sign.key` (0600) and its public key registered in
+/// `FLEET_DIR/device-keys.txt`. Returns the key file's path.
+fn issue_signing_key(fleet: &Fleet, device: DeviceId) -> PathBuf {
+    let out = fleet.dir.join(device.as_str());
+    pki_cli::rotate_key(&fleet.dir, device, &out).unwrap();
+    fleet.dir.join(format!("{device}.sign.key"))
+}
+
+/// The seed in a signing-key file, for the core-level devices (`DeviceSession::signing_seed`);
+/// device agents load the file themselves (`tidesync_device::SigningKey::load`).
+fn signing_seed(path: &Path) -> [u8; SEED_BYTES] {
+    tidesync_core::auth::parse_seed(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A core-level device session (`DeviceSession`, the test sessions' timers) sealing every batch
+/// with `device`'s signing key, issued now by the fleet's PKI ([`issue_signing_key`]).
+fn signed_session(fleet: &Fleet, device: DeviceId) -> DeviceSession {
+    let seed = signing_seed(&issue_signing_key(fleet, device));
+    DeviceSession { signing_seed: Some(seed), ..DeviceSession::default() }
+}
+
+/// A test cloud on loopback verifying every batch against the fleet's `device-keys.txt` (every
+/// active key the PKI registered so far), as the real cloud does with `device_keys` set.
+fn verifying_cloud(fleet: &mut Fleet) -> TestCloud {
+    let text = std::fs::read_to_string(fleet.dir.join(pki_cli::DEVICE_KEYS_FILE)).unwrap();
+    let keys = Arc::new(DeviceKeys::parse(&text).unwrap());
+    TestCloud::start_verifying(fleet, loopback_any(), keys).unwrap()
 }
 
 /// Starts the real gateway binary on `config`, its log appended to `log`.

@@ -2,6 +2,8 @@
 //! SIGKILL while thousands of events are still on the device, the device moves to the other
 //! gateway, and in the end the cloud holds every event exactly once and the device has pruned.
 //! The killed gateway then comes back with what it had spooled: the cloud takes no second effect.
+//! The device signs with its PKI-issued key and the cloud verifies every batch, as in a real
+//! deployment: the spool of the killed gateway keeps the seals, and roaming raises no alarm.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,12 +17,14 @@ use tidesync_core::net::pki::Identity;
 use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::sync::SessionConfig;
 use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
-use tidesync_device::{Agent, DeviceStore, LedgerConfig, Status};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig, SigningKey, Status};
 use tidesync_gateway::Config;
 use tidesync_tests::*;
 use tokio::sync::watch;
 
-use super::{device, gateway, metric, spawn_gateway, wait_until_serving, TEST_TIMEOUT};
+use super::{
+    device, gateway, issue_signing_key, metric, spawn_gateway, verifying_cloud, wait_until_serving, TEST_TIMEOUT,
+};
 
 /// The device's status, read on a blocking thread (the agent answers from its writer thread).
 async fn status(agent: &Arc<Agent>) -> Status {
@@ -32,7 +36,9 @@ async fn status(agent: &Arc<Agent>) -> Status {
 async fn a_device_roams_to_another_gateway_when_its_gateway_is_killed_mid_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(dir.path()).unwrap();
-    let cloud = TestCloud::start(&mut fleet, loopback_any()).unwrap();
+    let pump = device("pump-roam");
+    let signing = SigningKey::load(&issue_signing_key(&fleet, pump)).unwrap();
+    let cloud = verifying_cloud(&mut fleet);
 
     // Gateway A: the real binary, to be killed. Gateway B: in process.
     let a_quic = free_udp_port().unwrap();
@@ -52,7 +58,6 @@ async fn a_device_roams_to_another_gateway_when_its_gateway_is_killed_mid_backlo
     wait_until_serving(a_metrics).await;
 
     // The device: a SQLite ledger with a backlog of several thousand readings.
-    let pump = device("pump-roam");
     let n_events = 6_000u64;
     let store = DeviceStore::create(&dir.path().join("device.sqlite3"), pump, LedgerConfig::default()).unwrap();
     let agent = Arc::new(Agent::start(store).unwrap());
@@ -82,9 +87,10 @@ async fn a_device_roams_to_another_gateway_when_its_gateway_is_killed_mid_backlo
     };
     let counters = Arc::new(UplinkCounters::default());
     let (stop, shutdown) = watch::channel(false);
-    let running = tokio::spawn(uplink::run(
+    let running = tokio::spawn(uplink::run_with_key(
         Arc::clone(&agent),
         options,
+        Some(signing),
         Arc::clone(&counters),
         rand_chacha::ChaCha8Rng::seed_from_u64(4),
         shutdown,
@@ -108,8 +114,10 @@ async fn a_device_roams_to_another_gateway_when_its_gateway_is_killed_mid_backlo
     .unwrap();
     let after_roaming = counters.snapshot();
     assert!(after_roaming.sessions >= 2, "{after_roaming:?}");
+    assert_eq!(after_roaming.unsigned_batches, 0, "every batch was sealed: {after_roaming:?}");
     {
         let state = cloud.lock();
+        assert!(state.violations.is_empty(), "roaming raised alarms: {:?}", state.violations);
         let seqs: Vec<u64> = state.store.ledger.events(&pump).map(|event| event.id.seq.0).collect();
         assert_eq!(seqs, (1..=n_events).collect::<Vec<_>>());
         assert_eq!(state.n_new[&pump], n_events, "an event took effect twice in the cloud");
@@ -141,6 +149,7 @@ async fn a_device_roams_to_another_gateway_when_its_gateway_is_killed_mid_backlo
     tokio::time::sleep(Duration::from_millis(500)).await;
     {
         let state = cloud.lock();
+        assert!(state.violations.is_empty(), "gateway A's leftovers raised alarms: {:?}", state.violations);
         assert_eq!(state.store.ledger.events(&pump).count() as u64, n_events);
         assert_eq!(state.n_new[&pump], n_events, "gateway A's leftovers took effect a second time");
     }

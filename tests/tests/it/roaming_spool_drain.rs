@@ -1,18 +1,21 @@
 //! A gateway that held events a device then delivered through another gateway drains them once
-//! it reaches the cloud again (the cloud's Welcome says it holds them).
+//! it reaches the cloud again (the cloud's Welcome says it holds them). The device signs and the
+//! cloud verifies: the copies the first gateway held raise no alarm either.
 
 use tidesync_core::event::Seq;
 use tidesync_gateway::metrics::Metrics;
 use tidesync_gateway::Config;
 use tidesync_tests::*;
 
-use super::{device, gateway, TEST_TIMEOUT};
+use super::{device, gateway, signed_session, verifying_cloud, TEST_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_drains_events_the_cloud_got_through_another_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(dir.path()).unwrap();
-    let cloud = TestCloud::start(&mut fleet, loopback_any()).unwrap();
+    let pump = device("pump-1");
+    let session = signed_session(&fleet, pump);
+    let cloud = verifying_cloud(&mut fleet);
     let a_dir = dir.path().join("gw-a");
     // A starts without a reachable cloud: it takes custody and keeps the events.
     let nowhere = free_udp_port().unwrap();
@@ -23,13 +26,13 @@ async fn a_gateway_drains_events_the_cloud_got_through_another_gateway() {
     let b_config = fleet.gateway_config_in(&dir.path().join("gw-b"), gateway("gw-b"), &b_settings).unwrap();
     let b_running = tidesync_gateway::start(Config::load(&b_config).unwrap()).await.unwrap();
 
-    let pump = device("pump-1");
     let n_events = 500;
     let client = device_client(&mut fleet, pump).unwrap();
     let mut store = device_store(pump, n_events).unwrap();
     let mut progress = DeviceProgress::default();
     let custody = |_: &_, progress: &DeviceProgress| progress.custody == Seq(n_events);
-    sync_device_until(&mut store, pump, &client, a_running.quic_addr(), &mut progress, custody, TEST_TIMEOUT)
+    let a_addr = a_running.quic_addr();
+    sync_device_until_with(&session, &mut store, pump, &client, a_addr, &mut progress, custody, TEST_TIMEOUT)
         .await
         .unwrap();
     // The spool gauge is refreshed by the gateway's loop after the commit that granted custody.
@@ -42,7 +45,8 @@ async fn a_gateway_drains_events_the_cloud_got_through_another_gateway() {
 
     // The device roams to B, which forwards everything; the cloud commits.
     let committed = |_: &_, progress: &DeviceProgress| progress.committed == Seq(n_events);
-    sync_device_until(&mut store, pump, &client, b_running.quic_addr(), &mut progress, committed, TEST_TIMEOUT)
+    let b_addr = b_running.quic_addr();
+    sync_device_until_with(&session, &mut store, pump, &client, b_addr, &mut progress, committed, TEST_TIMEOUT)
         .await
         .unwrap();
     assert_eq!(cloud.lock().n_new[&pump], n_events);
@@ -58,6 +62,7 @@ async fn a_gateway_drains_events_the_cloud_got_through_another_gateway() {
             .await;
     assert!(drained.is_ok(), "gateway A still holds {} events the cloud has", Metrics::get(&metrics.spool_events));
     assert_eq!(cloud.lock().n_new[&pump], n_events);
+    assert!(cloud.lock().violations.is_empty(), "{:?}", cloud.lock().violations);
     a_running.shutdown().await.unwrap();
     b_running.shutdown().await.unwrap();
     cloud.stop();
