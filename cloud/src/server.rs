@@ -211,6 +211,9 @@ pub struct Live {
     pub violations: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+// Nearly every message is a frame (mostly event batches), so boxing the large variant would cost
+// an allocation per frame to shrink the rare control messages.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Inbox {
     Up {
