@@ -8,6 +8,12 @@
 //! the cloud exactly once, every device has pruned its ledger and every device shows the desired
 //! state the cloud set, and prints a summary. Unlike `run`, nothing here is simulated: this is
 //! the code that ships, so timings are wall-clock and vary from run to run.
+//!
+//! The fleet runs signed, as a real deployment does: the PKI directory is made with the gateway's
+//! `pki init` and `pki issue` (so every device gets its `NAME.sign.key` and the registry
+//! `device-keys.txt`), each device seals its batches with its key, and the cloud verifies every
+//! batch against the registry (`device_keys` in its config). The summary reads the cloud's
+//! `/metrics` and `GET /api/security/events` to show that verification was on and raised nothing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +25,6 @@ use anyhow::{bail, Context, Result};
 use rand_core::SeedableRng;
 use tidesync_cloud::store::Backend;
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading, Seq};
-use tidesync_core::net::pki::{FleetCa, Identity};
 use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::net::tls::Credentials;
 use tidesync_core::shadow::Section;
@@ -27,7 +32,8 @@ use tidesync_core::sync::SessionConfig;
 use tidesync_core::value::Value;
 use tidesync_device::agent::wall_now;
 use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
-use tidesync_device::{Agent, DeviceStore, LedgerConfig};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig, SigningKey};
+use tidesync_gateway::pki_cli::{self, Holder};
 use tokio::sync::watch;
 
 /// What the demo is asked to do.
@@ -66,6 +72,14 @@ pub(crate) struct DemoSummary {
     pub(crate) converge_ms: u64,
     /// Sessions opened by all devices (reconnects and roaming included).
     pub(crate) device_sessions: u64,
+    /// Whether the cloud verified device signatures (`tidesync_cloud_verifying` in `/metrics`).
+    pub(crate) verifying: bool,
+    /// Devices with a key in the cloud's registry (`tidesync_cloud_device_keys`).
+    pub(crate) keyed_devices: u64,
+    /// Batches the cloud refused as forged or altered (`GET /api/security/events`, `total`).
+    pub(crate) security_events: u64,
+    /// Batches devices sent without a seal although they hold a key.
+    pub(crate) unsigned_batches: u64,
     /// Where the data is.
     pub(crate) data_dir: PathBuf,
     /// The cloud's HTTP API.
@@ -73,13 +87,17 @@ pub(crate) struct DemoSummary {
 }
 
 impl DemoSummary {
-    /// Whether every device converged with every event in the cloud exactly once.
+    /// Whether every device converged with every event in the cloud exactly once, every event
+    /// verified against its device's key with no security event raised.
     pub(crate) fn passed(&self) -> bool {
         self.devices > 0
             && self.devices_exact == self.devices
             && self.devices_converged == self.devices
             && self.devices_pruned == self.devices
             && self.events_in_cloud == self.events_recorded
+            && self.verifying
+            && self.keyed_devices >= self.devices as u64
+            && self.security_events == 0
     }
 }
 
@@ -93,49 +111,61 @@ impl std::fmt::Display for DemoSummary {
         writeln!(f, "  devices pruned after commit:     {} of {}", self.devices_pruned, self.devices)?;
         writeln!(f, "  devices with the cloud's desired: {} of {}", self.devices_converged, self.devices)?;
         writeln!(f, "  device sessions (incl. roaming): {}", self.device_sessions)?;
+        let verified = if self.verifying { "on" } else { "OFF" };
+        writeln!(f, "  signatures verified by the cloud: {verified} ({} devices with keys)", self.keyed_devices)?;
+        writeln!(f, "  security events (refused):       {}", self.security_events)?;
+        writeln!(f, "  batches sent unsealed:           {}", self.unsigned_batches)?;
         writeln!(f, "  converged after healing in:      {} ms", self.converge_ms)?;
         writeln!(f, "  data (SQLite files, PKI):        {}", self.data_dir.display())?;
         write!(f, "  result:                          {}", if self.passed() { "PASS" } else { "FAIL" })
     }
 }
 
-/// The fleet's certificates, written as PEM files for the daemons' configs.
+/// The fleet's PKI directory, made and used by the gateway's `pki` commands (`pki_cli`, what
+/// `tidesync-gateway pki init|issue` run): the same files an operator has, device signing keys and
+/// the cloud's key registry included.
 struct Pki {
-    ca: FleetCa,
     dir: PathBuf,
-    serial: u64,
 }
 
+/// Validity of the demo's CA, certificates and revocation list.
+const PKI_DAYS: u64 = 30;
+
 impl Pki {
+    /// Makes the fleet CA in `dir`, or uses the one a `--data-dir` of an earlier run holds.
     fn new(dir: &Path) -> Result<Self> {
-        let now = wall_now();
-        let ca = FleetCa::create("demo-fleet", Millis(now.0.saturating_sub(3_600_000)), now.plus_ms(86_400_000))?;
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
-        Ok(Self { ca, dir: dir.to_path_buf(), serial: 1 })
+        if !dir.join("ca.key").exists() {
+            pki_cli::init(dir, "demo-fleet", PKI_DAYS, PKI_DAYS).context("pki init")?;
+        }
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
-    fn credentials(&mut self, identity: Identity) -> Result<Credentials> {
-        self.serial += 1;
-        let now = wall_now();
-        let issued =
-            self.ca.issue(identity, self.serial, Millis(now.0.saturating_sub(3_600_000)), now.plus_ms(86_400_000))?;
-        Ok(Credentials {
-            ca_pem: self.ca.cert_pem().to_string(),
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
-            crl_pem: None,
-        })
+    /// Issues a certificate for `holder` as `NAME.pem` and `NAME.key` (and, for a device, its
+    /// signing key `NAME.sign.key`, registered in `device-keys.txt`). Returns the cert and key paths.
+    fn issue(&self, holder: &Holder, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let out = self.dir.join(name);
+        pki_cli::issue(&self.dir, holder, &out, PKI_DAYS).with_context(|| format!("pki issue {name}"))?;
+        Ok((self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key"))))
     }
 
-    /// Issues a certificate and writes `NAME.pem` and `NAME.key`.
-    fn files(&mut self, identity: Identity, name: &str) -> Result<(PathBuf, PathBuf)> {
-        let credentials = self.credentials(identity)?;
-        let cert = self.dir.join(format!("{name}.pem"));
-        let key = self.dir.join(format!("{name}.key"));
-        std::fs::write(&cert, credentials.cert_pem)?;
-        std::fs::write(&key, credentials.key_pem)?;
-        Ok((cert, key))
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The registry of device public keys the cloud verifies with.
+    fn device_keys(&self) -> PathBuf {
+        self.dir.join(pki_cli::DEVICE_KEYS_FILE)
+    }
+
+    /// A device's credentials and signing key, issued as `pki issue --device NAME` does.
+    fn device(&self, device: DeviceId) -> Result<(Credentials, SigningKey)> {
+        let name = device.as_str();
+        let (cert, key) = self.issue(&Holder::Device(device), name)?;
+        let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+        let credentials =
+            Credentials { ca_pem: read(&self.ca())?, cert_pem: read(&cert)?, key_pem: read(&key)?, crl_pem: None };
+        let signing = SigningKey::load(&self.dir.join(format!("{name}.sign.key")))?;
+        Ok((credentials, signing))
     }
 }
 
@@ -152,14 +182,14 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn new(pki: &mut Pki, dir: &Path, name: &str, cloud: SocketAddr) -> Result<Self> {
+    fn new(pki: &Pki, dir: &Path, name: &str, cloud: SocketAddr) -> Result<Self> {
         let gateway = GatewayId::new(name)?;
-        let (cert, key) = pki.files(Identity::Gateway(gateway), name)?;
+        let (cert, key) = pki.issue(&Holder::Gateway(gateway), name)?;
         let listen = free_udp_port()?;
         let text = format!(
             "gateway = \"{name}\"\nlisten = \"{listen}\"\nspool = {spool:?}\n\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n[upstream]\naddr = \"{cloud}\"\nreconnect_ms = 200\n",
             spool = dir.join(format!("{name}-spool.sqlite3")),
-            ca = pki.dir.join("ca.pem"),
+            ca = pki.ca(),
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
@@ -189,6 +219,8 @@ struct Device {
     id: DeviceId,
     agent: Arc<Agent>,
     options: UplinkOptions,
+    /// The key it seals every batch with.
+    signing: SigningKey,
     counters: Arc<UplinkCounters>,
     online: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     recorded: u64,
@@ -203,9 +235,10 @@ impl Device {
         let (stop, shutdown) = watch::channel(false);
         self.seed += 1;
         let rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-        let task = tokio::spawn(uplink::run(
+        let task = tokio::spawn(uplink::run_with_key(
             Arc::clone(&self.agent),
             self.options.clone(),
+            Some(self.signing.clone()),
             Arc::clone(&self.counters),
             rng,
             shutdown,
@@ -251,6 +284,36 @@ impl Device {
     }
 }
 
+/// `GET path` from the cloud's HTTP API; the body (an error unless the status is 200).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).with_context(|| format!("reading GET {path}"))?;
+        let (head, body) = response.split_once("\r\n\r\n").with_context(|| format!("GET {path}: no HTTP response"))?;
+        let status = head.lines().next().unwrap_or_default();
+        if !status.contains(" 200 ") {
+            bail!("GET {path}: {status}");
+        }
+        Ok(body.to_string())
+    })
+    .await?
+}
+
+/// The value of an unlabelled sample `name` on a Prometheus text page.
+fn metric(page: &str, name: &str) -> Result<u64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("{name} is not in the cloud's /metrics"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{name} is not a number"))
+}
+
 fn say(line: &str) {
     println!("[demo] {line}");
 }
@@ -269,19 +332,35 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
         }
     };
     say(&format!("data in {}", dir.display()));
-    let mut pki = Pki::new(&dir.join("pki"))?;
+    let pki = Pki::new(&dir.join("pki"))?;
 
-    // The cloud: ingest, projections and the HTTP API, as `tidesync-cloud run` starts them.
-    let (cloud_cert, cloud_key) = pki.files(Identity::Cloud, "cloud")?;
+    // Every device's certificate and signing key first: the cloud loads the key registry at start.
+    let mut issued = Vec::new();
+    for index in 0..options.devices {
+        let id = DeviceId::new(&format!("sensor-{index:03}"))?;
+        let (credentials, signing) = pki.device(id)?;
+        issued.push((id, credentials, signing));
+    }
+    say(&format!(
+        "fleet PKI in {}: {} devices with certificates and signing keys in {}",
+        pki.dir.display(),
+        issued.len(),
+        pki.device_keys().display()
+    ));
+
+    // The cloud: ingest, projections and the HTTP API, as `tidesync-cloud run` starts them,
+    // verifying every batch against the device keys.
+    let (cloud_cert, cloud_key) = pki.issue(&Holder::Cloud, "cloud")?;
     let cloud_toml = dir.join("cloud.toml");
     std::fs::write(
         &cloud_toml,
         format!(
-            "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\ndata_dir = {data:?}\n\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\ndata_dir = {data:?}\ndevice_keys = {keys:?}\n\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
             listen = free_udp_port()?,
             http_port = options.http_port,
             data = dir,
-            ca = pki.dir.join("ca.pem"),
+            keys = pki.device_keys(),
+            ca = pki.ca(),
             cert = cloud_cert,
             key = cloud_key,
         ),
@@ -291,13 +370,14 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
         .context("starting the cloud")?;
     let cloud_db = dir.join(tidesync_cloud::config::SQLITE_FILE);
     let cloud_quic = cloud.ingest.quic_addr();
-    let http = cloud.http_addr.map(|addr| format!("http://{addr}/")).unwrap_or_default();
+    let http_addr = cloud.http_addr.context("the cloud serves no HTTP API")?;
+    let http = format!("http://{http_addr}/");
     say(&format!("cloud ingest on {cloud_quic}, HTTP on {http} (SQLite {})", cloud_db.display()));
 
     // Two gateways.
     let mut gateways = Vec::new();
     for name in ["gateway-a", "gateway-b"] {
-        let mut gateway = Gateway::new(&mut pki, &dir, name, cloud_quic)?;
+        let mut gateway = Gateway::new(&pki, &dir, name, cloud_quic)?;
         gateway.start().await.with_context(|| format!("starting {name}"))?;
         say(&format!("{name} on {}", gateway.addr()));
         gateways.push(gateway);
@@ -305,8 +385,7 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
 
     // The devices: even ones prefer gateway A, odd ones gateway B; each roams to the other.
     let mut devices = Vec::new();
-    for index in 0..options.devices {
-        let id = DeviceId::new(&format!("sensor-{index:03}"))?;
+    for (index, (id, credentials, signing)) in issued.into_iter().enumerate() {
         let device_dir = dir.join("devices").join(id.as_str());
         std::fs::create_dir_all(&device_dir)?;
         let store = DeviceStore::create(&device_dir.join("ledger.sqlite3"), id, LedgerConfig::default())?;
@@ -314,7 +393,7 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
         let (first, second) = if index % 2 == 0 { (0, 1) } else { (1, 0) };
         let options = UplinkOptions {
             gateways: vec![gateways[first].addr(), gateways[second].addr()],
-            credentials: pki.credentials(Identity::Device(id))?,
+            credentials,
             session: SessionConfig { retransmit_ms: 1_000, ..SessionConfig::default() },
             transport: TransportLimits { idle_timeout_ms: 5_000, keep_alive_ms: 1_000, ..TransportLimits::default() },
             connect_timeout_ms: 1_000,
@@ -325,6 +404,7 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
             id,
             agent,
             options,
+            signing,
             counters: Arc::new(UplinkCounters::default()),
             online: None,
             recorded: 0,
@@ -408,7 +488,7 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
 
     // Check the cloud's store against what the devices recorded.
     let mut summary =
-        DemoSummary { devices: devices.len(), converge_ms, data_dir: dir.clone(), ..DemoSummary::default() };
+        DemoSummary { devices: devices.len(), converge_ms, data_dir: dir.clone(), http, ..DemoSummary::default() };
     let backend = Backend::Sqlite { path: cloud_db };
     let mut reader = tokio::task::spawn_blocking(move || backend.open_reader()).await??;
     for device in &devices {
@@ -437,8 +517,26 @@ pub(crate) async fn run(options: &DemoOptions) -> Result<DemoSummary> {
         if cloud_desired.as_ref() == Some(&device_desired) {
             summary.devices_converged += 1;
         }
-        summary.device_sessions += device.counters.snapshot().sessions;
+        let counters = device.counters.snapshot();
+        summary.device_sessions += counters.sessions;
+        summary.unsigned_batches += counters.unsigned_batches;
     }
+
+    // What the cloud says about verification, read as an operator would: its metrics page and its
+    // security events API.
+    let metrics = http_get(http_addr, "/metrics").await?;
+    summary.verifying = metric(&metrics, "tidesync_cloud_verifying")? == 1;
+    summary.keyed_devices = metric(&metrics, "tidesync_cloud_device_keys")?;
+    let page: serde_json::Value = serde_json::from_str(&http_get(http_addr, "/api/security/events").await?)
+        .context("GET /api/security/events is not JSON")?;
+    summary.security_events = page["total"].as_u64().context("GET /api/security/events has no total")?;
+    let refused_by_kind: u64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("tidesync_cloud_security_events_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    // The stored events and the counters since start describe the same refusals.
+    summary.security_events = summary.security_events.max(refused_by_kind);
 
     println!("{summary}");
     if !options.exit {
