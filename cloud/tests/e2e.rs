@@ -2,37 +2,42 @@
 //! gateway daemon (`tidesync_gateway::start`) → this cloud (`tidesync_cloud::start`, SQLite):
 //! every event lands in the cloud store exactly once, commits flow back to the device (which
 //! prunes), projections fold it all, and desired state written in the cloud reaches the device.
+//! The fleet is set up as an operator does it, with the gateway's `pki init` and `pki issue`: the
+//! device signs every batch with its issued `NAME.sign.key` and the cloud verifies each one
+//! against the PKI's `device-keys.txt`, raising no security event.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use tidesync_cloud::store::{Backend, Position};
 use tidesync_cloud::Config;
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading};
-use tidesync_core::net::pki::{FleetCa, Identity};
 use tidesync_core::net::quic::TransportLimits;
 use tidesync_core::net::tls::Credentials;
 use tidesync_core::sync::SessionConfig;
 use tidesync_core::value::Value;
 use tidesync_device::uplink::{self, UplinkCounters, UplinkOptions};
-use tidesync_device::{Agent, DeviceStore, LedgerConfig};
+use tidesync_device::{Agent, DeviceStore, LedgerConfig, SigningKey};
+use tidesync_gateway::pki_cli::{self, Holder};
 use tokio::sync::watch;
 
-fn wall() -> Millis {
-    Millis(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
-}
-
-/// Writes `identity`'s certificate and key as `dir/name.pem` and `dir/name.key`.
-fn issue(ca: &FleetCa, identity: Identity, serial: u64, dir: &Path, name: &str) -> Credentials {
-    let now = wall();
-    let issued = ca.issue(identity, serial, Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), &issued.key_pem).unwrap();
-    Credentials { ca_pem: ca.cert_pem().to_string(), cert_pem: issued.cert_pem, key_pem: issued.key_pem, crl_pem: None }
+/// Issues a certificate for `holder` in the PKI directory `pki` as `pki/name.pem` and
+/// `pki/name.key` (a device also gets `pki/name.sign.key`, registered in `device-keys.txt`), as
+/// `tidesync-gateway pki issue` does; returns the credentials.
+fn issue(pki: &Path, holder: Holder, name: &str) -> Credentials {
+    pki_cli::issue(pki, &holder, &pki.join(name), 1).unwrap();
+    let read = |file: String| std::fs::read_to_string(pki.join(file)).unwrap();
+    Credentials {
+        ca_pem: read("ca.pem".into()),
+        cert_pem: read(format!("{name}.pem")),
+        key_pem: read(format!("{name}.key")),
+        crl_pem: None,
+    }
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -60,10 +65,11 @@ fn cloud_config(dir: &Path) -> Config {
         listen = "127.0.0.1:0"
         http_listen = "127.0.0.1:0"
         data_dir = "data"
+        device_keys = "pki/device-keys.txt"
         [tls]
-        ca = "ca.pem"
-        cert = "cloud.pem"
-        key = "cloud.key"
+        ca = "pki/ca.pem"
+        cert = "pki/cloud.pem"
+        key = "pki/cloud.key"
         # 2,000 events of one device as fast as they go (security_server.rs tests the limits).
         [limits]
         device_events_per_s = 0
@@ -78,14 +84,14 @@ fn cloud_config(dir: &Path) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_state_down() {
     let dir = tempfile::tempdir().unwrap();
-    let now = wall();
-    let ca = FleetCa::create("e2e", Millis(now.0 - 3_600_000), Millis(now.0 + 86_400_000)).unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
-    issue(&ca, Identity::Cloud, 1, dir.path(), "cloud");
+    let pki = dir.path().join("pki");
+    pki_cli::init(&pki, "e2e", 1, 1).unwrap();
+    issue(&pki, Holder::Cloud, "cloud");
     let gateway_id = GatewayId::new("gw-1").unwrap();
-    issue(&ca, Identity::Gateway(gateway_id), 2, dir.path(), "gateway");
+    issue(&pki, Holder::Gateway(gateway_id), "gateway");
     let device = DeviceId::new("sensor-1").unwrap();
-    let device_credentials = issue(&ca, Identity::Device(device), 3, dir.path(), "device");
+    let device_credentials = issue(&pki, Holder::Device(device), "sensor-1");
+    let signing = SigningKey::load(&pki.join("sensor-1.sign.key")).unwrap();
 
     let config = cloud_config(dir.path());
     let backend = config.backend();
@@ -99,9 +105,9 @@ async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_s
         spool: dir.path().join("spool.sqlite3"),
         spool_budget_bytes: 64 * 1024 * 1024,
         tls: tidesync_gateway::config::TlsFiles {
-            ca: dir.path().join("ca.pem"),
-            cert: dir.path().join("gateway.pem"),
-            key: dir.path().join("gateway.key"),
+            ca: pki.join("ca.pem"),
+            cert: pki.join("gateway.pem"),
+            key: pki.join("gateway.key"),
             crl: None,
         },
         upstream: Some(tidesync_gateway::config::Upstream { addr: cloud_addr, reconnect_ms: 100 }),
@@ -125,9 +131,10 @@ async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_s
         backoff_initial_ms: 50,
         backoff_max_ms: 400,
     };
-    let device_uplink = tokio::spawn(uplink::run(
+    let device_uplink = tokio::spawn(uplink::run_with_key(
         Arc::clone(&agent),
         options,
+        Some(signing),
         Arc::clone(&counters),
         rand_chacha::ChaCha8Rng::seed_from_u64(7),
         shutdown,
@@ -156,6 +163,13 @@ async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_s
     assert!(stored.iter().all(|event| event.meta.gateway == gateway_id));
     let positions: Vec<u64> = stored.iter().map(|event| event.position.0).collect();
     assert_eq!(positions, (1..=2_051).collect::<Vec<_>>());
+    // Every one of them verified against the device's issued key: verification was on, the
+    // registry held the device, and nothing was refused.
+    let live = cloud.ingest.live();
+    assert!(live.verifying.load(Ordering::Relaxed), "the cloud did not verify");
+    assert_eq!(live.keyed_devices.load(Ordering::Relaxed), 1);
+    assert!(live.violations.lock().unwrap().is_empty(), "security events: {:?}", live.violations);
+    assert_eq!(counters.snapshot().unsigned_batches, 0, "every batch was sealed");
 
     // Desired state written through the cloud's HTTP API reaches the device through the gateway.
     let http_addr = cloud.http_addr.unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tidesync_cloud::store::{Backend, Position, StoredEvent};
 use tidesync_cloud::Config;
-use tidesync_core::auth::DeviceSigner;
+use tidesync_core::auth::{DeviceSigner, KeyRegistry, REGISTRY_HEADER};
 use tidesync_core::event::{DeviceId, GatewayId, Millis, Payload, SensorReading};
 use tidesync_core::ledger::{Ledger, MemLedger};
 use tidesync_core::net::pki::{self, FleetCa, Identity};
@@ -39,17 +39,14 @@ fn signer(name: &str) -> DeviceSigner {
     DeviceSigner::from_seed(device(name), seed)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// A `device-keys.txt` with an active key for each of `devices`.
+/// A `device-keys.txt` with an active key for each of `devices`, written by core's registry
+/// formatter (what `tidesync-gateway pki issue` writes).
 fn registry(devices: &[&str]) -> String {
-    let mut text = String::from("# tidesync device keys\n");
+    let mut registry = KeyRegistry::parse(REGISTRY_HEADER).unwrap();
     for name in devices {
-        text.push_str(&format!("{name} {} active 1700000000000\n", hex(&signer(name).public_key())));
+        assert!(registry.add(device(name), signer(name).public_key(), Millis(1_700_000_000_000)).unwrap());
     }
-    text
+    registry.format()
 }
 
 struct Fleet {
