@@ -1,5 +1,5 @@
-//! Events flow end to end exactly once; a full spool stops custody and drains when the cloud
-//! returns.
+//! Events flow end to end exactly once, signed by the devices and verified by the cloud; a full
+//! spool stops custody and drains when the cloud returns.
 
 use tidesync_core::event::Seq;
 use tidesync_core::shadow::Section;
@@ -9,13 +9,15 @@ use tidesync_gateway::metrics::Metrics;
 use tidesync_gateway::Config;
 use tidesync_tests::*;
 
-use super::{device, gateway, TEST_TIMEOUT};
+use super::{device, gateway, signed_session, verifying_cloud, TEST_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_arrives_once_and_commit_acks_reach_the_devices() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(dir.path()).unwrap();
-    let cloud = TestCloud::start(&mut fleet, loopback_any()).unwrap();
+    let names = ["pump-1", "pump-2", "pump-3"];
+    let sessions: Vec<DeviceSession> = names.iter().map(|name| signed_session(&fleet, device(name))).collect();
+    let cloud = verifying_cloud(&mut fleet);
     let settings = GatewaySettings { upstream: Some(cloud.addr()), ..GatewaySettings::default() };
     let config = Config::load(&fleet.gateway_config(gateway("site-1"), &settings).unwrap()).unwrap();
     let running = tidesync_gateway::start(config).await.unwrap();
@@ -23,7 +25,7 @@ async fn every_event_arrives_once_and_commit_acks_reach_the_devices() {
 
     let n_events = 1_500;
     let mut tasks = Vec::new();
-    for name in ["pump-1", "pump-2", "pump-3"] {
+    for (name, session) in names.into_iter().zip(sessions) {
         let pump = device(name);
         let client = device_client(&mut fleet, pump).unwrap();
         let mut store = device_store(pump, n_events).unwrap();
@@ -32,7 +34,9 @@ async fn every_event_arrives_once_and_commit_acks_reach_the_devices() {
         tasks.push(tokio::spawn(async move {
             let mut progress = DeviceProgress::default();
             let done = |_: &_, progress: &DeviceProgress| progress.committed == Seq(n_events);
-            sync_device_until(&mut store, pump, &client, addr, &mut progress, done, TEST_TIMEOUT).await.unwrap();
+            sync_device_until_with(&session, &mut store, pump, &client, addr, &mut progress, done, TEST_TIMEOUT)
+                .await
+                .unwrap();
             (store, progress)
         }));
     }
@@ -42,7 +46,8 @@ async fn every_event_arrives_once_and_commit_acks_reach_the_devices() {
         // Committed events are pruned on the device.
         assert!(store.ledger.is_empty(), "device kept {} events", store.ledger.len());
     }
-    for name in ["pump-1", "pump-2", "pump-3"] {
+    assert!(cloud.lock().violations.is_empty(), "{:?}", cloud.lock().violations);
+    for name in names {
         let pump = device(name);
         let state = cloud.lock();
         assert_eq!(state.store.ledger.events(&pump).count() as u64, n_events);
