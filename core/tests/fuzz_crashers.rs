@@ -119,3 +119,35 @@ fn a_length_prefix_error_does_not_depend_on_how_the_bytes_arrive() {
         assert_eq!(first_error(chunk), whole, "chunks of {chunk}");
     }
 }
+
+/// Found by the `shadow_sync` target (session mode): a sync message whose bloom filter automerge
+/// keeps in the peer's state and then panics on when it answers (`bloom.rs` `get_probes`, inside
+/// `generate_sync_message`, which is not guarded). The message is now refused as malformed, and
+/// answering never panics.
+#[test]
+fn a_message_with_a_bloom_filter_automerge_cannot_answer_is_refused() {
+    use tidesync_core::shadow::Section;
+    use tidesync_core::value::Value;
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-crashers/shadow_session_bloom_panic.bin"),
+    )
+    .expect("read");
+    // The fuzz target's populated shadow and its session layout: [selector][len u16 le][message]...
+    let mut shadow = Shadow::new("cloud", ShadowLimits::default());
+    shadow.set(Section::Reported, "fw", &Value::Text("1.4.2".into())).expect("set");
+    shadow.set(Section::Reported, "rate_s", &Value::Int(10)).expect("set");
+    shadow.set(Section::Desired, "rate_s", &Value::Int(5)).expect("set");
+    shadow.set(Section::Desired, "limits", &Value::Map([("max".to_string(), Value::Float(80.5))].into())).expect("set");
+    shadow
+        .set(Section::Desired, "tags", &Value::List(vec![Value::Text("roof".into()), Value::Bool(true), Value::Null]))
+        .expect("set");
+    let mut peer = PeerSync::new();
+    let mut rest = bytes.get(1..).unwrap_or_default();
+    while let [a, b, tail @ ..] = rest {
+        let len = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
+        let (message, next) = tail.split_at(len);
+        let _ = shadow.receive_sync_message(&mut peer, message);
+        let _ = shadow.generate_sync_message(&mut peer);
+        rest = next;
+    }
+}
