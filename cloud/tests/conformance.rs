@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
+mod backends;
+
 use std::time::Duration;
 
 use tidesync_cloud::store::{
@@ -433,69 +436,6 @@ fn open_failures_are_errors(backend: &Backend) {
         let error = Backend::Sqlite { path: other }.open_writer().err().unwrap();
         assert!(matches!(error, StoreError::NotAStore { .. }), "{error}");
     }
-}
-
-/// A backend for one test, removed afterwards.
-struct Fixture {
-    backend: Backend,
-    _dir: Option<tempfile::TempDir>,
-    postgres_url: Option<String>,
-}
-
-impl Fixture {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Backend::Sqlite { path: dir.path().join("cloud.sqlite3") };
-        Self { backend, _dir: Some(dir), postgres_url: None }
-    }
-
-    fn postgres(test: &str) -> Option<Self> {
-        let Ok(url) = std::env::var("TIDESYNC_TEST_POSTGRES_URL") else {
-            eprintln!(
-                "\n*** SKIPPED: PostgreSQL conformance test {test}: TIDESYNC_TEST_POSTGRES_URL is not set \
-                 (run `eval \"$(bash cloud/scripts/postgres.sh)\"` first) ***\n"
-            );
-            return None;
-        };
-        let schema = format!("t_{}_{}", std::process::id(), test);
-        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls)
-            .unwrap_or_else(|error| panic!("TIDESYNC_TEST_POSTGRES_URL={url} is set but unreachable: {error}"));
-        client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-        Some(Self { backend: Backend::Postgres { url: url.clone(), schema }, _dir: None, postgres_url: Some(url) })
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if let (Some(url), Backend::Postgres { schema, .. }) = (&self.postgres_url, &self.backend) {
-            if let Ok(mut client) = ::postgres::Client::connect(url, ::postgres::NoTls) {
-                let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-            }
-        }
-    }
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    let fixture = super::Fixture::sqlite();
-                    super::$name(&fixture.backend);
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(fixture) = super::Fixture::postgres(stringify!($name)) else { return };
-                    super::$name(&fixture.backend);
-                }
-            )*
-        }
-    };
 }
 
 conformance!(
