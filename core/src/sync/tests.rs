@@ -408,3 +408,129 @@ fn a_lost_hello_closes_both_ends_by_the_handshake_timeout_despite_keepalives() {
     assert!(closes.iter().any(|(_, reason)| *reason == CloseReason::HandshakeTimeout), "{closes:?}");
     assert!(closes.iter().all(|(at, _)| at.0 >= config.handshake_timeout_ms && at.0 < config.idle_timeout_ms));
 }
+
+/// A device uplink with `linger_ms` against a gateway ingest, ticking once a second for `seconds`:
+/// at each tick `n_new(t)` events are recorded, the hosts run their timers when due and pass
+/// frames (through `pass`, which may drop them). Returns the seconds at which event batches were
+/// sent with their sizes, and the uplink's events.
+fn drive_lingering(
+    on_device: &mut MemStore,
+    linger_ms: u64,
+    seconds: u64,
+    n_new: impl Fn(u64) -> u64,
+    mut pass: impl FnMut(&Frame) -> bool,
+) -> (Vec<(u64, usize)>, Vec<SessionEvent>) {
+    let config = SessionConfig { batch_events_max: 8, linger_ms, stall_ms: 10_000, ..SessionConfig::default() };
+    let mut on_gateway = gateway_store();
+    let mut uplink = Uplink::for_device(device(), config.clone(), Millis(0));
+    let mut ingest = Ingest::for_gateway(device(), config, Millis(0));
+    let (mut sent, mut seen) = (Vec::new(), Vec::new());
+    for second in 0..=seconds {
+        let now = Millis(second * 1_000);
+        for _ in 0..n_new(second) {
+            on_device.ledger.record(device(), now, now, reading(second as f64)).unwrap();
+        }
+        if uplink.poll_timeout().is_some_and(|deadline| deadline <= now) {
+            uplink.handle_timeout(now);
+        }
+        if ingest.poll_timeout().is_some_and(|deadline| deadline <= now) {
+            ingest.handle_timeout(now);
+        }
+        // Within one tick, frames go back and forth until both ends are quiet.
+        loop {
+            let mut moved = false;
+            while let Some(frame) = uplink.poll_transmit(now, on_device).unwrap() {
+                moved = true;
+                if let Frame::Events(batch) = &frame {
+                    sent.push((second, batch.events.len()));
+                }
+                if pass(&frame) {
+                    let _ = ingest.handle_frame(now, frame, &mut on_gateway);
+                }
+            }
+            while let Some(event) = ingest.poll_event() {
+                if let SessionEvent::EventsReceived(batch) = event {
+                    let appended = on_gateway.append(&batch).unwrap();
+                    ingest.handle_durable(now, batch.device, appended.high);
+                }
+            }
+            while let Some(frame) = ingest.poll_transmit(now, &mut on_gateway) {
+                moved = true;
+                let _ = uplink.handle_frame(now, frame, on_device);
+            }
+            while let Some(event) = uplink.poll_event() {
+                seen.push(event);
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+    (sent, seen)
+}
+
+#[test]
+fn lingering_sends_events_together_when_the_first_has_waited_long_enough() {
+    // A reading every 10 s, linger 60 s: the first (at 10 s) is due at 70 s, and the six taken
+    // until then leave with it.
+    let mut on_device = device_store();
+    let (sent, seen) =
+        drive_lingering(&mut on_device, 60_000, 140, |second| u64::from(second > 0 && second % 10 == 0), |_| true);
+    assert_eq!(sent, vec![(70, 7), (140, 7)]);
+    // Waiting on purpose, longer than `stall_ms`, is no stall.
+    assert!(!seen.iter().any(|event| matches!(event, SessionEvent::Stalled { .. })), "{seen:?}");
+    // Without linger, each reading leaves on its own.
+    let mut on_device = device_store();
+    let (sent, _) =
+        drive_lingering(&mut on_device, 0, 140, |second| u64::from(second > 0 && second % 10 == 0), |_| true);
+    assert_eq!(sent, (1..=14).map(|index| (index * 10, 1)).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_full_batch_does_not_wait_for_the_linger() {
+    let mut on_device = device_store();
+    // Three at 5 s, then ten at 20 s: at 20 s there are 13 waiting, so a full batch of 8 leaves at
+    // once; the 5 left over leave when the wait that began at 5 s is over.
+    let (sent, _) = drive_lingering(
+        &mut on_device,
+        600_000,
+        700,
+        |second| match second {
+            5 => 3,
+            20 => 10,
+            _ => 0,
+        },
+        |_| true,
+    );
+    assert_eq!(sent, vec![(20, 8), (605, 5)]);
+}
+
+#[test]
+fn a_backlog_found_at_the_handshake_leaves_at_once() {
+    let mut on_device = device_store();
+    record(&mut on_device, 5);
+    let (sent, _) = drive_lingering(&mut on_device, 600_000, 30, |_| 0, |_| true);
+    assert_eq!(sent, vec![(0, 5)]);
+}
+
+#[test]
+fn a_lost_lingering_batch_is_resent_after_the_retransmit_timeout_not_another_linger() {
+    let mut on_device = device_store();
+    let mut dropped = false;
+    let (sent, _) = drive_lingering(
+        &mut on_device,
+        60_000,
+        120,
+        |second| u64::from(second == 1),
+        |frame| {
+            if matches!(frame, Frame::Events(_)) && !dropped {
+                dropped = true;
+                return false;
+            }
+            true
+        },
+    );
+    // Due at 61 s, lost, resent 5 s later (the default `retransmit_ms`).
+    assert_eq!(sent, vec![(61, 1), (66, 1)]);
+    assert_eq!(on_device.ledger.high(&device()), Seq(1));
+}

@@ -72,6 +72,11 @@ struct OutStream {
     /// Resends of the same run without progress.
     resends: u32,
     resend_from: Seq,
+    /// When the events waiting to be sent must leave (`linger_ms` after they were first seen);
+    /// `None` while none wait.
+    due: Option<Millis>,
+    /// Set while the stream holds events back for `due`: when the host must wake the session.
+    wake_at: Option<Millis>,
 }
 
 impl Uplink {
@@ -234,7 +239,9 @@ impl Uplink {
         }
         for (device, high) in self.hello_vv(store).iter() {
             let acked = welcome.vv.get(device);
-            self.streams.insert(*device, OutStream { acked, next: acked.next(), ..OutStream::default() });
+            // A backlog from before the session has waited long enough: it leaves at once.
+            let due = (high > acked).then_some(now);
+            self.streams.insert(*device, OutStream { acked, next: acked.next(), due, ..OutStream::default() });
             self.ready.insert(*device);
             // The cloud's welcome says what its store holds: events this gateway forwarded
             // earlier, or that reached the cloud through another gateway, are committed, and the
@@ -287,6 +294,8 @@ impl Uplink {
         stream.next = stream.acked.next();
         stream.in_flight.clear();
         stream.paused_until = Some(now.plus_ms(u64::from(backpressure.retry_after_ms)));
+        stream.due = Some(now);
+        stream.wake_at = None;
         let after = contribution(stream);
         self.backlog_events = self.backlog_events.saturating_sub(before) + after;
         // Stays ready, so it sends again when the pause is over.
@@ -346,7 +355,8 @@ impl Uplink {
     fn next_batch<S: Store + ?Sized>(&mut self, now: Millis, store: &mut S) -> Result<Option<Frame>, SessionError> {
         if let Peer::Device(own) = self.me {
             // A device's ledger grows without `handle_appended`: look at it on every poll.
-            self.streams.entry(own).or_default();
+            // (A ledger that was empty at the handshake has no stream yet: it starts at seq 1.)
+            self.streams.entry(own).or_insert_with(|| OutStream { next: Seq::FIRST, ..OutStream::default() });
             self.ready.insert(own);
         }
         // Serve ready devices in turn, starting after the one served last.
@@ -369,16 +379,35 @@ impl Uplink {
             };
             let before = contribution(stream);
             stream.known_high = store.high(&device);
+            let backlog_before = self.backlog_events;
             self.backlog_events = self.backlog_events.saturating_sub(before) + contribution(stream);
+            if backlog_before == 0 && self.backlog_events > 0 {
+                // Nothing was owed until now: the stall clock starts here, not at the last ack.
+                self.last_progress = now;
+            }
+            stream.wake_at = None;
             if stream.paused_until.is_some_and(|until| now < until) {
                 // Stays ready: it sends again when the pause is over.
                 continue;
             }
             stream.paused_until = None;
+            if stream.next > stream.known_high {
+                stream.due = None;
+            }
             if stream.in_flight.len() >= config.batches_in_flight_max || stream.next > stream.known_high {
                 // Ready again on an ack, a retransmit or an append.
                 self.ready.remove(&device);
                 continue;
+            }
+            if config.linger_ms > 0 {
+                let due = *stream.due.get_or_insert(now.plus_ms(config.linger_ms));
+                let n_waiting = stream.known_high.0 - stream.next.0 + 1;
+                if now < due && n_waiting < config.batch_events_max as u64 {
+                    // Held back so that more join the batch; `poll_timeout` wakes the host at `due`.
+                    stream.wake_at = Some(due);
+                    self.ready.remove(&device);
+                    continue;
+                }
             }
             let Some(mut batch) = store.read(&device, stream.next, config.batch_events_max)? else {
                 // Covered but not held (pruned after commit): nothing to send for now.
@@ -431,6 +460,9 @@ impl Uplink {
             let last = batch.last_seq();
             stream.in_flight.push_back((last, now));
             stream.next = last.next();
+            if stream.next > stream.known_high {
+                stream.due = None;
+            }
             self.last_served = Some(device);
             return Ok(Some(Frame::Events(batch)));
         }
@@ -454,13 +486,20 @@ impl Uplink {
         let resends_max = self.common.config.resends_max;
         let mut loops = Vec::new();
         for (device, stream) in &mut self.streams {
+            if stream.wake_at.is_some_and(|wake_at| wake_at <= now) {
+                // Lingered long enough.
+                stream.wake_at = None;
+                self.ready.insert(*device);
+            }
             let expired = stream.in_flight.front().is_some_and(|(_, sent)| now.since(*sent) >= retransmit_ms);
             if !expired {
                 continue;
             }
-            // Go back to the first unacknowledged seq and send everything again.
+            // Go back to the first unacknowledged seq and send everything again, at once.
             stream.in_flight.clear();
             stream.next = stream.acked.next();
+            stream.due = Some(now);
+            stream.wake_at = None;
             self.ready.insert(*device);
             if stream.resend_from == stream.next {
                 stream.resends += 1;
@@ -477,10 +516,7 @@ impl Uplink {
             tracing::warn!(?event, "sync resends the same events without progress");
             self.common.emit(event);
         }
-        if self.backlog_events > 0
-            && !self.stall_reported
-            && now.since(self.last_progress) >= self.common.config.stall_ms
-        {
+        if self.backlog_events > 0 && !self.stall_reported && now.since(self.last_progress) >= self.stall_after_ms() {
             self.stall_reported = true;
             #[cfg(feature = "std")]
             tracing::warn!(backlog = self.backlog_events, "sync stalled: nothing acknowledged");
@@ -501,11 +537,20 @@ impl Uplink {
             if let Some(until) = stream.paused_until {
                 deadline = deadline.min(until);
             }
+            if let Some(wake_at) = stream.wake_at {
+                deadline = deadline.min(wake_at);
+            }
         }
         if self.backlog_events > 0 && !self.stall_reported {
-            deadline = deadline.min(self.last_progress.plus_ms(self.common.config.stall_ms));
+            deadline = deadline.min(self.last_progress.plus_ms(self.stall_after_ms()));
         }
         Some(deadline)
+    }
+
+    /// How long a backlog may go without an acknowledgement before it is reported as a stall:
+    /// lingering events wait on purpose, so their wait does not count.
+    fn stall_after_ms(&self) -> u64 {
+        self.common.config.stall_ms.saturating_add(self.common.config.linger_ms)
     }
 }
 
