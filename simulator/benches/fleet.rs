@@ -6,7 +6,8 @@
 //! `cargo bench -p tidesync-sim --bench fleet`. Environment: `TIDESYNC_SIM_BENCH_DEVICES`
 //! (default 1000), `TIDESYNC_SIM_BENCH_GATEWAYS` (default 20), `TIDESYNC_SIM_BENCH_DURATION`
 //! (default 1d), `TIDESYNC_SIM_BENCH_FAULTS` (default none; `all` for a faulty fleet),
-//! `TIDESYNC_SIM_BENCH_SEED` (default 1).
+//! `TIDESYNC_SIM_BENCH_SEED` (default 1), `TIDESYNC_SIM_BENCH_LINGER` (default the simulator's,
+//! 15m: how long devices hold readings to send them in one batch; `0` sends each at once).
 
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 use tidesync_core::event::{DeviceId, Event, EventId, Hlc, Millis, Payload, SensorReading, Seq};
 use tidesync_core::ledger::MemLedger;
 use tidesync_core::wire::{EventBatch, Frame};
-use tidesync_sim::options::{format_faults, parse_duration_ms, parse_faults};
+use tidesync_sim::options::{format_duration_ms, format_faults, parse_duration_ms, parse_faults, DEFAULT_LINGER_MS};
 use tidesync_sim::SimOptions;
 
 fn env_or(name: &str, default: &str) -> String {
@@ -78,6 +79,8 @@ fn main() -> Result<()> {
     let seed: u64 = env_or("TIDESYNC_SIM_BENCH_SEED", "1").parse().context("seed")?;
     let mut options = SimOptions::new(n_devices, n_gateways, duration_ms, seed);
     options.faults = parse_faults(&env_or("TIDESYNC_SIM_BENCH_FAULTS", "none"))?;
+    options.linger_ms =
+        parse_duration_ms(&env_or("TIDESYNC_SIM_BENCH_LINGER", &format_duration_ms(DEFAULT_LINGER_MS)))?;
     println!("fleet: {}", options.replay_command());
     let started = Instant::now();
     let outcome = tidesync_sim::run(options.clone(), |_, _| {});
@@ -85,11 +88,12 @@ fn main() -> Result<()> {
     let events_per_s = outcome.stats.n_recorded as f64 / wall_s;
     let acceleration = outcome.simulated_ms as f64 / 1_000.0 / wall_s;
     println!(
-        "simulation: {} devices, {} gateways, {} simulated, faults {}: {} events, {} frames in {wall_s:.1} s wall",
+        "simulation: {} devices, {} gateways, {} simulated, faults {}, linger {}: {} events, {} frames in {wall_s:.1} s wall",
         n_devices,
         n_gateways,
         tidesync_sim::report::format_ms(outcome.simulated_ms),
         format_faults(&options.faults),
+        format_duration_ms(options.linger_ms),
         outcome.stats.n_recorded,
         outcome.stats.n_frames_sent
     );

@@ -58,6 +58,9 @@ enum Command {
     Sweep {
         #[command(flatten)]
         fleet: FleetArgs,
+        /// Runs at once (default: one per core). Results print in seed order either way.
+        #[arg(long)]
+        jobs: Option<usize>,
         /// Seeds as A..B (end exclusive) or A..=B.
         #[arg(long, default_value = "0..100")]
         seeds: String,
@@ -82,6 +85,9 @@ struct FleetArgs {
     /// Time between two readings of one device.
     #[arg(long, default_value = "1m")]
     interval: String,
+    /// How long a device holds new readings so that they leave in one batch (0: each at once).
+    #[arg(long, default_value = "15m")]
+    linger: String,
     /// Longest heal phase before the run counts as not converged.
     #[arg(long, default_value = "2d")]
     heal_max: String,
@@ -116,6 +122,7 @@ impl FleetArgs {
         let mut options = SimOptions::new(self.devices, self.gateways, duration_ms, seed);
         options.faults = parse_faults(&self.faults).context("--faults")?;
         options.reading_interval_ms = parse_duration_ms(&self.interval).context("--interval")?.max(1);
+        options.linger_ms = parse_duration_ms(&self.linger).context("--linger")?;
         options.heal_ms_max = parse_duration_ms(&self.heal_max).context("--heal-max")?;
         let mut bugs = Bugs::default();
         for bug in &self.bug {
@@ -205,28 +212,13 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Sweep { fleet, seeds } => {
+        Command::Sweep { fleet, seeds, jobs } => {
             let seeds = parse_seed_range(&seeds).context("--seeds")?;
-            let (mut passed, mut failed) = (0u64, Vec::new());
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
             let started = Instant::now();
-            for seed in seeds.clone() {
-                let outcome = tidesync_sim::run(fleet.options(seed)?, |_, _| {});
-                if outcome.passed() {
-                    passed += 1;
-                    if !fleet.quiet {
-                        println!("seed {seed}: ok (digest {:016x})", outcome.digest);
-                    }
-                } else {
-                    println!("seed {seed}: FAILED");
-                    for failure in &outcome.failures {
-                        println!("  {failure}");
-                    }
-                    println!("  replay: {}", outcome.options.replay_command());
-                    failed.push(seed);
-                }
-            }
+            let (passed, failed) = sweep(&fleet, seeds.clone(), jobs)?;
             println!(
-                "sweep {}..{}: {passed} passed, {} failed in {:.1} s",
+                "sweep {}..{}: {passed} passed, {} failed in {:.1} s on {jobs} threads",
                 seeds.start,
                 seeds.end,
                 failed.len(),
@@ -239,4 +231,58 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `seeds` on `jobs` threads (each run is one deterministic world; runs share nothing) and
+/// prints each result in seed order as soon as every earlier seed is done. Returns how many
+/// passed and the seeds that failed.
+fn sweep(fleet: &FleetArgs, seeds: std::ops::Range<u64>, jobs: usize) -> Result<(u64, Vec<u64>)> {
+    let all_options: Vec<SimOptions> = seeds.clone().map(|seed| fleet.options(seed)).collect::<Result<_>>()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (sender, receiver) = std::sync::mpsc::channel::<(usize, Outcome)>();
+    let bar = progress_bar(fleet.quiet);
+    bar.set_length(all_options.len() as u64);
+    let (mut passed, mut failed) = (0u64, Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(all_options.len()) {
+            let (sender, next, all_options) = (sender.clone(), &next, &all_options);
+            scope.spawn(move || loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(options) = all_options.get(index) else {
+                    break;
+                };
+                let outcome = tidesync_sim::run(options.clone(), |_, _| {});
+                if sender.send((index, outcome)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(sender);
+        let mut done = std::collections::BTreeMap::new();
+        let mut printed = 0;
+        for (index, outcome) in receiver {
+            bar.inc(1);
+            done.insert(index, outcome);
+            while let Some(outcome) = done.remove(&printed) {
+                let seed = outcome.options.seed;
+                if outcome.passed() {
+                    passed += 1;
+                    if !fleet.quiet {
+                        bar.suspend(|| println!("seed {seed}: ok (digest {:016x})", outcome.digest));
+                    }
+                } else {
+                    let mut text = format!("seed {seed}: FAILED\n");
+                    for failure in &outcome.failures {
+                        text.push_str(&format!("  {failure}\n"));
+                    }
+                    text.push_str(&format!("  replay: {}", outcome.options.replay_command()));
+                    bar.suspend(|| println!("{text}"));
+                    failed.push(seed);
+                }
+                printed += 1;
+            }
+        }
+    });
+    bar.finish_and_clear();
+    Ok((passed, failed))
 }

@@ -135,10 +135,13 @@ pub fn format_faults(kinds: &BTreeSet<FaultKind>) -> String {
     kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(",")
 }
 
-/// Parses `7d`, `36h`, `90m`, `30s` or `250ms` into milliseconds.
+/// Parses `7d`, `36h`, `90m`, `30s`, `250ms` or `0` into milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<u64, OptionError> {
     let error = || OptionError::Duration { text: text.to_string() };
     let text_trimmed = text.trim();
+    if text_trimmed == "0" {
+        return Ok(0);
+    }
     let split = text_trimmed.find(|c: char| !c.is_ascii_digit()).ok_or_else(error)?;
     let (number, unit) = text_trimmed.split_at(split);
     let number: u64 = number.parse().map_err(|_| error())?;
@@ -214,6 +217,10 @@ impl Bugs {
     }
 }
 
+/// How long a simulated device holds readings to send them together, by default: a battery
+/// sensor reading once a minute sends every quarter of an hour.
+pub const DEFAULT_LINGER_MS: u64 = 15 * 60_000;
+
 /// Everything that defines a run besides the binary. Same options ⇒ same run, bit for bit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimOptions {
@@ -229,6 +236,9 @@ pub struct SimOptions {
     pub faults: BTreeSet<FaultKind>,
     /// Time between two sensor readings of one device.
     pub reading_interval_ms: u64,
+    /// How long a device lets new readings wait so that they leave in one batch
+    /// ([`tidesync_core::sync::SessionConfig::linger_ms`]; 0 sends each reading at once).
+    pub linger_ms: u64,
     /// Longest heal phase before the run is declared not converged.
     pub heal_ms_max: u64,
     /// Deliberate bugs (tests only).
@@ -254,6 +264,7 @@ impl SimOptions {
             seed,
             faults: FaultKind::ALL.into_iter().collect(),
             reading_interval_ms: 60_000,
+            linger_ms: DEFAULT_LINGER_MS,
             heal_ms_max: 2 * 86_400_000,
             bugs: Bugs::default(),
             duplicate_shadow_sync: false,
@@ -279,6 +290,9 @@ impl SimOptions {
             format_faults(&self.faults),
             format_duration_ms(self.reading_interval_ms),
         );
+        if self.linger_ms != DEFAULT_LINGER_MS {
+            command.push_str(&format!(" --linger {}", format_duration_ms(self.linger_ms)));
+        }
         if self.heal_ms_max != SimOptions::new(0, 1, 0, 0).heal_ms_max {
             command.push_str(&format!(" --heal-max {}", format_duration_ms(self.heal_ms_max)));
         }

@@ -45,12 +45,13 @@ impl Outcome {
     /// The header printed before a run: options and every drawn fault parameter.
     pub fn header(options: &SimOptions, drawn: &DrawnFaults) -> String {
         format!(
-            "seed {}: {} devices, {} gateways, {} of workload (a reading every {}), faults {}\n{drawn}",
+            "seed {}: {} devices, {} gateways, {} of workload (a reading every {}, sent after up to {}), faults {}\n{drawn}",
             options.seed,
             options.n_devices,
             options.n_gateways,
             format_duration_ms(options.duration_ms),
             format_duration_ms(options.reading_interval_ms),
+            format_duration_ms(options.linger_ms),
             crate::options::format_faults(&options.faults),
         )
     }

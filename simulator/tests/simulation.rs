@@ -9,8 +9,12 @@ use tidesync_sim::{run, Bugs, FaultKind, Outcome, SimOptions};
 /// minutes in a debug build on a busy 2-core machine.
 const DEFAULT_SEEDS: u64 = 160;
 
+/// A small fleet; its devices send each reading at once, after a minute or after the default
+/// quarter of an hour, by seed, so both the eager and the lingering paths meet every fault.
 fn small(seed: u64) -> SimOptions {
-    SimOptions::new(4, 2, 90 * 60_000, seed)
+    let mut options = SimOptions::new(4, 2, 90 * 60_000, seed);
+    options.linger_ms = [0, 60_000, options.linger_ms][(seed % 3) as usize];
+    options
 }
 
 fn seed_count() -> u64 {

@@ -8,10 +8,11 @@ fn durations_parse_and_format_round_trip() {
     assert_eq!(parse_duration_ms("7d").unwrap(), 7 * 86_400_000);
     assert_eq!(parse_duration_ms("90m").unwrap(), 5_400_000);
     assert_eq!(parse_duration_ms("250ms").unwrap(), 250);
+    assert_eq!(parse_duration_ms("0").unwrap(), 0);
     assert!(parse_duration_ms("7").is_err());
     assert!(parse_duration_ms("d").is_err());
     assert!(parse_duration_ms("3w").is_err());
-    for duration_ms in [250, 1_000, 90 * 60_000, 7 * 86_400_000, 36 * 3_600_000] {
+    for duration_ms in [0, 250, 1_000, 90 * 60_000, 7 * 86_400_000, 36 * 3_600_000] {
         assert_eq!(parse_duration_ms(&format_duration_ms(duration_ms)).unwrap(), duration_ms);
     }
 }
