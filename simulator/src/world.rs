@@ -976,12 +976,18 @@ impl World {
         timer_at: Option<Millis>,
     ) -> Option<Millis> {
         let wanted = deadline.map(|deadline| deadline.max(self.now.plus_ms(1)));
-        if wanted != timer_at {
-            if let Some(when) = wanted {
+        // A timer armed for no later than wanted stays: when it fires, the session finds nothing
+        // due yet (every timeout checks its own deadline) and is armed again. Most deadlines only
+        // move later (each frame sent pushes the keep-alive back), so this saves a queue entry
+        // per frame.
+        match (timer_at, wanted) {
+            (Some(armed), Some(wanted)) if armed <= wanted => Some(armed),
+            (_, Some(when)) => {
                 self.schedule(when, Action::Timer { at, conn });
+                Some(when)
             }
+            (_, None) => None,
         }
-        wanted
     }
 
     // ----- host loops -----
