@@ -355,7 +355,7 @@ fn run_uplink(
         let options = UplinkOptions {
             gateways: addrs,
             credentials,
-            session: SessionConfig::default(),
+            session: SessionConfig { linger_ms: uplink.linger_ms, ..SessionConfig::default() },
             transport: TransportLimits::default(),
             connect_timeout_ms: uplink.connect_timeout_ms,
             backoff_initial_ms: uplink.backoff_initial_ms,

@@ -128,6 +128,10 @@ pub struct UplinkConfig {
     /// Longest retry delay.
     #[serde(default = "backoff_max_ms_default")]
     pub backoff_max_ms: u64,
+    /// How long new readings wait so that they leave in one batch (0: each at once). A sensor on a
+    /// metered or battery link sets minutes here: one frame, one ack and one signature per batch.
+    #[serde(default)]
+    pub linger_ms: u64,
 }
 
 fn ca_default() -> PathBuf {
@@ -166,6 +170,7 @@ impl Default for UplinkConfig {
             connect_timeout_ms: connect_timeout_ms_default(),
             backoff_initial_ms: backoff_initial_ms_default(),
             backoff_max_ms: backoff_max_ms_default(),
+            linger_ms: 0,
         }
     }
 }

@@ -381,3 +381,40 @@ async fn a_signing_device_seals_every_batch_and_the_relayed_history_verifies() {
     altered.events[10].event_time = Millis(altered.events[10].event_time.0 + 1);
     assert!(verify_batch(&keys, &altered, None).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_device_sends_readings_taken_over_time_in_one_batch() {
+    let fleet = Fleet::new();
+    let device = DeviceId::new("sensor-4").unwrap();
+    let upstream = upstream_store();
+    let gateway = TestGateway::start(&fleet, "gw-a", Arc::clone(&upstream));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&dir, device);
+    let counters = Arc::new(UplinkCounters::default());
+    let (stop, shutdown) = watch::channel(false);
+    let mut options = options(&fleet, device, vec![gateway.addr]);
+    options.session.linger_ms = 3_000;
+    let running = tokio::spawn(uplink::run(
+        Arc::clone(&agent),
+        options,
+        Arc::clone(&counters),
+        rand_chacha::ChaCha8Rng::seed_from_u64(4),
+        shutdown,
+    ));
+    // Five readings 100 ms apart, once the session is up with nothing to send.
+    wait_until("the session is up", Duration::from_secs(10), || counters.snapshot().sessions > 0).await;
+    // (Connected is counted before the handshake, which takes a few ms on loopback: a backlog
+    // found at the handshake would leave at once.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for seq in 1..=5 {
+        record(&agent, seq, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until("the five readings are committed", Duration::from_secs(15), || counters.snapshot().committed_seq == 5)
+        .await;
+    assert_eq!(upstream_seqs(&upstream, &device), vec![1, 2, 3, 4, 5]);
+    assert_eq!(counters.snapshot().batches_out, 1, "the readings left together");
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    gateway.kill();
+}

@@ -16,7 +16,9 @@ fn a_written_config_reads_back_equal() {
     let mut config = Config::new(DeviceId::new("pump-7").unwrap());
     config.ledger.full_policy = FullPolicy::DropOldest;
     config.ledger.budget_bytes = 4096;
+    config.uplink.linger_ms = 900_000;
     let text = toml::to_string_pretty(&config).unwrap();
+    assert!(text.contains("linger_ms = 900000"), "{text}");
     assert!(text.contains("full_policy = \"drop-oldest\""), "{text}");
     assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
 }
