@@ -349,7 +349,9 @@ impl SqliteStore {
             let device = first.id.device;
             let n_run = 1 + rest
                 .windows(2)
-                .take_while(|pair| pair[1].id.device == device && pair[1].id.seq.0 == pair[0].id.seq.0.wrapping_add(1))
+                .take_while(|pair| {
+                    pair[1].id.device == device && pair[0].id.seq.0.checked_add(1) == Some(pair[1].id.seq.0)
+                })
                 .count();
             let (run, tail) = rest.split_at(n_run);
             rest = tail;
