@@ -1,5 +1,6 @@
-//! Writes the seed corpus of `http_bodies`: real desired-state bodies and query strings as the
-//! dashboard and the API's users send them. `cargo run --example seeds -- <corpus dir>`.
+//! Writes the seed corpora: for `http_bodies`, real desired-state bodies and query strings as the
+//! dashboard and the API's users send them; for `sqlite_segment`, segments as the SQLite store
+//! writes them. `cargo run --example seeds -- <corpus dir>`.
 
 use std::path::PathBuf;
 
@@ -31,5 +32,32 @@ fn main() -> std::io::Result<()> {
         std::fs::write(dir.join(format!("seed-{index:03}")), bytes)?;
     }
     println!("wrote {} seed files under {}", seeds.len(), dir.display());
+    segment_seeds(&root)
+}
+
+/// Segments of readings, logs and an unknown kind, with times out of order, prefixed by their
+/// event count as the target reads it.
+fn segment_seeds(root: &std::path::Path) -> std::io::Result<()> {
+    use tidesync_cloud::store::sqlite::segment::{RawEvent, SegmentEncoder};
+    let dir = root.join("sqlite_segment");
+    std::fs::create_dir_all(&dir)?;
+    let bodies: [&[u8]; 3] = [b"\x04temp\x00\x00\x00\x00\x00\x00\x39\x40\x03Cel", b"\x01\x05hello", b""];
+    for (index, n_events) in [0u16, 1, 3, 40].into_iter().enumerate() {
+        let mut encoder = SegmentEncoder::new();
+        for seq in 0..u64::from(n_events) {
+            encoder.push(&RawEvent {
+                hlc_wall_ms: 1_763_900_000_000 + seq,
+                hlc_logical: (seq % 2) as u32,
+                event_time_ms: 1_763_900_000_000 + (seq * 7_919) % 5_000,
+                kind: [1, 3, 77][(seq % 3) as usize],
+                schema_version: 1,
+                body: bodies[(seq % 3) as usize],
+            });
+        }
+        let mut bytes = n_events.to_le_bytes().to_vec();
+        bytes.extend_from_slice(encoder.bytes());
+        std::fs::write(dir.join(format!("seed-{index:03}")), bytes)?;
+    }
+    println!("wrote 4 seed files under {}", dir.display());
     Ok(())
 }

@@ -1,37 +1,57 @@
 //! The SQLite backend: one file in WAL mode with `synchronous=FULL`, so a commit that returned
 //! survives a crash or power loss. The embedded default: no setup, one file to back up.
+//!
+//! Events are stored as *segments* (see [`segment`]): one row per run of one device's events at
+//! consecutive seqs written by one insert (a gateway's batch), up to
+//! [`segment::SEGMENT_EVENTS_MAX`] events. A row per event with two secondary indexes keyed by
+//! device cost about 5 µs per event in B-tree inserts landing mid-tree; a row per segment pays
+//! them once per run. Reads stay per event: they find the segments through the indexes
+//! (position: the rowid `first_position`; seq: `(device, first_seq)`; time: `(device,
+//! max_time_ms, min_time_ms)`, since times inside a segment may be out of order) and decode them.
+//!
+//! Invariant: a device's segments never overlap in seqs, and a segment's positions are
+//! `first_position..=last_position`, one per seq `first_seq..=last_seq` in order; positions over
+//! all segments are dense. Every insert checks its runs against the stored segments (one index
+//! probe per run), so a seq is never stored twice.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tidesync_core::auth::ChainHash;
-use tidesync_core::event::{DeviceId, Event, Millis, Seq};
+use tidesync_core::event::{DeviceId, Event, EventId, EventKind, GatewayId, Hlc, Millis, Payload, Seq};
 
+use self::segment::{RawEvent, SegmentEncoder, SegmentReader};
 use super::{
-    device_of, json_of, to_i64, to_u64, DeadLetter, EventReader, EventRow, EventWriter, IngestMeta, Position,
-    ShadowRow, StoreError, StoredEvent, StreamInfo, TimeCursor,
+    device_of, json_of, to_i64, to_u64, DeadLetter, EventReader, EventWriter, IngestMeta, Position, ShadowRow,
+    StoreError, StoredEvent, StreamInfo, TimeCursor,
 };
+
+mod migrate;
+pub mod segment;
 
 /// `PRAGMA application_id` of a cloud store ("TSCL").
 pub const APPLICATION_ID: i64 = 0x5453_434c;
 
+/// `PRAGMA user_version` of the segment layout. Files written before it (one row per event in an
+/// `events` table) have 0 and are migrated when a writer opens them.
+pub const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA_SQL: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    position       INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS segments (
+    first_position INTEGER PRIMARY KEY,
+    last_position  INTEGER NOT NULL,
     device         TEXT    NOT NULL,
-    seq            INTEGER NOT NULL,
-    hlc_wall_ms    INTEGER NOT NULL,
-    hlc_logical    INTEGER NOT NULL,
-    event_time_ms  INTEGER NOT NULL,
-    kind           INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
-    body           BLOB    NOT NULL,
+    first_seq      INTEGER NOT NULL,
+    last_seq       INTEGER NOT NULL,
+    min_time_ms    INTEGER NOT NULL,
+    max_time_ms    INTEGER NOT NULL,
     gateway        TEXT    NOT NULL,
-    ingest_ms      INTEGER NOT NULL
+    ingest_ms      INTEGER NOT NULL,
+    events         BLOB    NOT NULL
 ) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (device, seq);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (device, event_time_ms, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS segments_by_seq ON segments (device, first_seq);
+CREATE INDEX IF NOT EXISTS segments_by_time ON segments (device, max_time_ms, min_time_ms);
 CREATE TABLE IF NOT EXISTS streams (
     device TEXT PRIMARY KEY NOT NULL,
     high   INTEGER NOT NULL,
@@ -81,43 +101,30 @@ CREATE TABLE IF NOT EXISTS security_events (
 CREATE INDEX IF NOT EXISTS security_events_by_batch ON security_events (device, gateway, from_seq, last_seq);
 ";
 
-const EVENT_COLUMNS: &str =
-    "position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms";
+/// The columns of a segment row as reads decode it (see [`segment_of`]).
+const SEGMENT_COLUMNS: &str = "first_position, last_position, device, first_seq, last_seq, gateway, ingest_ms, events";
 
 /// Settings of the writer's connection: WAL with `synchronous=FULL`, so a commit that returned
 /// is durable (the WAL is synced at every commit).
 pub const WRITER_PRAGMAS: [(&str, &str); 2] = [("journal_mode", "WAL"), ("synchronous", "FULL")];
 
-/// Rows per multi-row `INSERT` statement, largest first; a batch is cut into chunks of these
-/// sizes, so at most `INSERT_CHUNK_ROWS.len()` statements are ever prepared (and cached).
-pub const INSERT_CHUNK_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
-/// Parameters bound per inserted row (the gateway and ingest time are shared: `?1`, `?2`).
-const INSERT_PARAMS_PER_ROW: usize = 8;
-/// Prepared statements kept per connection (the insert chunks plus every read and write).
+/// Prepared statements kept per connection (every read and write).
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
-/// `INSERT` of `n_rows` events, skipping ids stored already. `position` is left out: it is the
-/// rowid, so each new row gets the next one.
-fn insert_sql(n_rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO events
-         (device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
-         VALUES ",
-    );
-    for row in 0..n_rows {
-        let first = 3 + row * INSERT_PARAMS_PER_ROW;
-        if row > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for param in first..first + INSERT_PARAMS_PER_ROW {
-            sql.push_str(&format!("?{param},"));
-        }
-        sql.push_str("?1,?2)");
-    }
-    sql.push_str(" ON CONFLICT (device, seq) DO NOTHING");
-    sql
-}
+const INSERT_SEGMENT_SQL: &str = "INSERT INTO segments
+    (first_position, last_position, device, first_seq, last_seq, min_time_ms, max_time_ms, gateway, ingest_ms, events)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+/// The stored segment of device `?1` with the highest first seq at or below `?2`. Segments of
+/// one device never overlap, so it is the only one that can hold seqs in `[x, ?2]` for any `x`
+/// above its first seq.
+const SEGMENT_AT_OR_BELOW_SQL: &str =
+    "SELECT first_seq, last_seq FROM segments WHERE device = ?1 AND first_seq <= ?2 ORDER BY first_seq DESC LIMIT 1";
+
+/// The first seq of the segment of device `?1` that may hold seq `?2` (or `?2` when none does):
+/// reads by seq start there.
+const FIRST_SEQ_FROM_SQL: &str = "COALESCE((SELECT first_seq FROM segments WHERE device = ?1 AND first_seq <= ?2
+    ORDER BY first_seq DESC LIMIT 1), ?2)";
 
 /// A connection to a SQLite cloud store (a writer, or a reader with `query_only`).
 pub struct SqliteStore {
@@ -125,8 +132,9 @@ pub struct SqliteStore {
     path: PathBuf,
     in_transaction: bool,
     next_position: u64,
-    /// Reused for encoding event bodies (SQLite copies what is bound).
+    /// Reused for encoding event bodies and segments (SQLite copies what is bound).
     body: Vec<u8>,
+    segment: SegmentEncoder,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -135,26 +143,85 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn event_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
-    Ok(EventRow {
-        position: row.get(0)?,
-        device: row.get(1)?,
-        seq: row.get(2)?,
-        hlc_wall_ms: row.get(3)?,
-        hlc_logical: row.get(4)?,
-        event_time_ms: row.get(5)?,
-        kind: row.get(6)?,
-        schema_version: row.get(7)?,
-        body: row.get(8)?,
-        gateway: row.get(9)?,
-        ingest_ms: row.get(10)?,
+/// What a segment row's events share, checked.
+struct SegmentHead {
+    first_position: u64,
+    first_seq: u64,
+    device: DeviceId,
+    meta: IngestMeta,
+}
+
+fn segment_corrupt(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { what: "event segment", detail: error.to_string() }
+}
+
+/// Reads a row selected as [`SEGMENT_COLUMNS`]: its shared columns and a reader of its events.
+fn segment_of<'row>(row: &'row rusqlite::Row<'_>) -> Result<(SegmentHead, SegmentReader<'row>), StoreError> {
+    let first_position: i64 = row.get(0)?;
+    let last_position: i64 = row.get(1)?;
+    let device: String = row.get(2)?;
+    let first_seq: i64 = row.get(3)?;
+    let last_seq: i64 = row.get(4)?;
+    let gateway: String = row.get(5)?;
+    let ingest_ms: i64 = row.get(6)?;
+    let blob = row.get_ref(7)?.as_blob().map_err(segment_corrupt)?;
+    let n_events = last_seq.checked_sub(first_seq).and_then(|span| span.checked_add(1)).filter(|n| *n > 0);
+    let n_positions = last_position.checked_sub(first_position).and_then(|span| span.checked_add(1));
+    let n_events = match (n_events, n_positions) {
+        (Some(n), Some(positions)) if n == positions && first_seq >= 0 && first_position > 0 => to_u64(n),
+        _ => {
+            return Err(segment_corrupt(format_args!(
+                "segment at position {first_position}: seqs {first_seq}..={last_seq}, positions \
+                 {first_position}..={last_position}"
+            )))
+        }
+    };
+    let head = SegmentHead {
+        first_position: to_u64(first_position),
+        first_seq: to_u64(first_seq),
+        device: device_of(&device)?,
+        meta: IngestMeta {
+            gateway: GatewayId::new(&gateway).map_err(|error| StoreError::corrupt("gateway name", error))?,
+            ingest_time: Millis(to_u64(ingest_ms)),
+        },
+    };
+    let reader = SegmentReader::new(blob, n_events)
+        .map_err(|error| segment_corrupt(format_args!("segment at position {first_position}: {error}")))?;
+    Ok((head, reader))
+}
+
+/// The `index`-th event of a segment, with its payload decoded.
+fn stored_event(head: &SegmentHead, index: u64, raw: &RawEvent<'_>) -> Result<StoredEvent, StoreError> {
+    let payload = Payload::decode_body(EventKind::from_tag(raw.kind), raw.schema_version, raw.body)
+        .map_err(|error| StoreError::corrupt("event body", error))?;
+    Ok(StoredEvent {
+        position: Position(head.first_position + index),
+        event: Event {
+            id: EventId { device: head.device, seq: Seq(head.first_seq + index) },
+            hlc: Hlc { wall_ms: raw.hlc_wall_ms, logical: raw.hlc_logical },
+            event_time: Millis(raw.event_time_ms),
+            payload,
+        },
+        meta: head.meta,
     })
 }
 
+/// The error of an insert that was proven new but finds its seqs stored: what the unique index of
+/// a per-event table raised, so the caller's handling (roll back, check conflicts from now on)
+/// is the same.
+fn stored_already(device: &DeviceId, first: u64, last: u64) -> StoreError {
+    StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE),
+        Some(format!("UNIQUE constraint failed: events of {device} in seqs {first}..={last} are stored already")),
+    ))
+}
+
 impl SqliteStore {
-    /// Opens (or creates) the store at `path` for writing.
+    /// Opens (or creates) the store at `path` for writing. A file in the per-event layout of
+    /// earlier builds is migrated to segments first, in one transaction.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Connection::open(path)?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
         let found: i64 = db.query_row("PRAGMA application_id", [], |row| row.get(0))?;
         let n_tables: i64 = db.query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))?;
         if found != APPLICATION_ID && !(found == 0 && n_tables == 0) {
@@ -163,11 +230,30 @@ impl SqliteStore {
         for (name, value) in WRITER_PRAGMAS {
             db.pragma_update(None, name, value)?;
         }
-        db.pragma_update(None, "application_id", APPLICATION_ID)?;
-        db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-        db.execute_batch(SCHEMA_SQL)?;
-        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1, body: Vec::new() })
+        // Under the write lock, so two writers opening one old file migrate it once.
+        db.execute_batch("BEGIN IMMEDIATE")?;
+        match migrate::create_or_migrate(&db, path) {
+            Ok(()) => db.execute_batch("COMMIT")?,
+            Err(error) => {
+                if let Err(rollback) = db.execute_batch("ROLLBACK") {
+                    tracing::error!(error = %rollback, "rollback of the schema setup failed");
+                }
+                return Err(error);
+            }
+        }
+        Ok(Self::with(db, path))
+    }
+
+    fn with(db: Connection, path: &Path) -> Self {
+        Self {
+            db,
+            path: path.to_path_buf(),
+            in_transaction: false,
+            next_position: 1,
+            body: Vec::new(),
+            segment: SegmentEncoder::new(),
+        }
     }
 
     /// Opens an existing store for reading only (beside a running writer).
@@ -180,39 +266,153 @@ impl SqliteStore {
         if found != APPLICATION_ID {
             return Err(StoreError::NotAStore { path: path.display().to_string(), found });
         }
+        let version: i64 = db.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                what: "store layout",
+                detail: format!(
+                    "{}: layout version {version}, this build reads {SCHEMA_VERSION} (a writer opened on the file \
+                     migrates it)",
+                    path.display()
+                ),
+            });
+        }
         db.pragma_update(None, "query_only", true)?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Self { db, path: path.to_path_buf(), in_transaction: false, next_position: 1, body: Vec::new() })
+        Ok(Self::with(db, path))
     }
 
-    /// Inserts `chunk` (one of [`INSERT_CHUNK_ROWS`] long) with one cached multi-row statement;
-    /// returns how many rows were new.
-    fn insert_chunk(&mut self, chunk: &[Event], meta: &IngestMeta) -> Result<usize, StoreError> {
-        let sql = insert_sql(chunk.len());
-        let mut statement = self.db.prepare_cached(&sql)?;
-        statement.raw_bind_parameter(1, meta.gateway.as_str())?;
-        statement.raw_bind_parameter(2, to_i64(meta.ingest_time.0))?;
-        let mut index = 3;
-        for event in chunk {
-            self.body.clear();
-            event.payload.encode_body(&mut self.body);
-            statement.raw_bind_parameter(index, event.id.device.as_str())?;
-            statement.raw_bind_parameter(index + 1, to_i64(event.id.seq.0))?;
-            statement.raw_bind_parameter(index + 2, to_i64(event.hlc.wall_ms))?;
-            statement.raw_bind_parameter(index + 3, i64::from(event.hlc.logical))?;
-            statement.raw_bind_parameter(index + 4, to_i64(event.event_time.0))?;
-            statement.raw_bind_parameter(index + 5, i64::from(event.kind().tag()))?;
-            statement.raw_bind_parameter(index + 6, i64::from(event.schema_version()))?;
-            statement.raw_bind_parameter(index + 7, self.body.as_slice())?;
-            index += INSERT_PARAMS_PER_ROW;
+    /// Inserts `run` (one device's events at consecutive seqs, none of them stored) as segments
+    /// at the next positions, cut where a segment is full; returns how many were inserted.
+    fn insert_run(&mut self, run: &[Event], meta: &IngestMeta) -> Result<usize, StoreError> {
+        let mut rest = run;
+        while let Some(first) = rest.first() {
+            self.segment.clear();
+            for event in rest {
+                self.segment.push_event(event, &mut self.body);
+                if self.segment.is_full() {
+                    break;
+                }
+            }
+            let n = self.segment.len();
+            let (min_time, max_time) = self.segment.time_range();
+            let first_position = self.next_position;
+            let last_position = first_position + n as u64 - 1;
+            let mut statement = self.db.prepare_cached(INSERT_SEGMENT_SQL)?;
+            statement.execute(params![
+                to_i64(first_position),
+                to_i64(last_position),
+                first.id.device.as_str(),
+                to_i64(first.id.seq.0),
+                to_i64(first.id.seq.0 + n as u64 - 1),
+                to_i64(min_time),
+                to_i64(max_time),
+                meta.gateway.as_str(),
+                to_i64(meta.ingest_time.0),
+                self.segment.bytes(),
+            ])?;
+            self.next_position = last_position + 1;
+            rest = &rest[n..];
         }
-        Ok(statement.raw_execute()?)
+        Ok(run.len())
     }
 
-    fn query_events(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredEvent>, StoreError> {
+    /// The stored seq ranges of `device` that overlap `first..=last`, in seq order.
+    fn stored_ranges(&self, device: &DeviceId, first: u64, last: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let sql = format!(
+            "SELECT first_seq, last_seq FROM segments WHERE device = ?1 AND first_seq <= ?3
+             AND first_seq >= {FIRST_SEQ_FROM_SQL} ORDER BY first_seq"
+        );
+        let mut statement = self.db.prepare_cached(&sql)?;
+        let rows = statement
+            .query_map(params![device.as_str(), to_i64(first), to_i64(last)], |row| {
+                Ok((to_u64(row.get(0)?), to_u64(row.get(1)?)))
+            })?
+            .collect::<Result<Vec<(u64, u64)>, _>>()?;
+        Ok(rows.into_iter().filter(|(_, stored_last)| *stored_last >= first).collect())
+    }
+
+    /// Inserts `events` at the next positions, one segment per run (same device, consecutive
+    /// seqs). With `skip_stored`, seqs stored already are left out; without, finding one is an
+    /// error (the caller proved them new). Either way a seq is never stored twice: each run is
+    /// checked against the segments, which include the runs of this call inserted before it.
+    fn insert(
+        &mut self,
+        events: &[Event],
+        meta: &IngestMeta,
+        skip_stored: bool,
+    ) -> Result<(usize, Position), StoreError> {
+        self.begin()?;
+        let mut n_inserted = 0;
+        let mut rest = events;
+        while let Some(first) = rest.first() {
+            let device = first.id.device;
+            let n_run = 1 + rest
+                .windows(2)
+                .take_while(|pair| {
+                    pair[1].id.device == device && pair[0].id.seq.0.checked_add(1) == Some(pair[1].id.seq.0)
+                })
+                .count();
+            let (run, tail) = rest.split_at(n_run);
+            rest = tail;
+            let (first_seq, last_seq) = (first.id.seq.0, first.id.seq.0 + (n_run as u64 - 1));
+            if !skip_stored {
+                let below: Option<(i64, i64)> = self
+                    .db
+                    .prepare_cached(SEGMENT_AT_OR_BELOW_SQL)?
+                    .query_row(params![device.as_str(), to_i64(last_seq)], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?;
+                if below.is_some_and(|(_, stored_last)| to_u64(stored_last) >= first_seq) {
+                    return Err(stored_already(&device, first_seq, last_seq));
+                }
+                n_inserted += self.insert_run(run, meta)?;
+                continue;
+            }
+            let stored = self.stored_ranges(&device, first_seq, last_seq)?;
+            let mut stored = stored.into_iter().peekable();
+            let (mut start, mut index) = (0, 0);
+            while index < run.len() {
+                let seq = run[index].id.seq.0;
+                while stored.peek().is_some_and(|(_, stored_last)| *stored_last < seq) {
+                    stored.next();
+                }
+                match stored.peek() {
+                    Some(&(stored_first, stored_last)) if stored_first <= seq => {
+                        n_inserted += self.insert_run(&run[start..index], meta)?;
+                        let n_stored = usize::try_from(stored_last - seq + 1).unwrap_or(usize::MAX);
+                        index += n_stored.min(run.len() - index);
+                        start = index;
+                    }
+                    _ => index += 1,
+                }
+            }
+            n_inserted += self.insert_run(&run[start..], meta)?;
+        }
+        Ok((n_inserted, Position(self.next_position - 1)))
+    }
+
+    /// Runs `sql` (selecting [`SEGMENT_COLUMNS`]) and hands each segment's events in order to
+    /// `visit` (the segment, the event's index in it, the event), until it returns `false`.
+    fn scan(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        mut visit: impl FnMut(&SegmentHead, u64, &RawEvent<'_>) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         let mut statement = self.db.prepare_cached(sql)?;
-        let rows = statement.query_map(params, event_row)?.collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().map(EventRow::into_stored).collect()
+        let mut rows = statement.query(params)?;
+        while let Some(row) = rows.next()? {
+            let (head, reader) = segment_of(row)?;
+            for (index, raw) in (0u64..).zip(reader) {
+                let raw = raw.map_err(|error| {
+                    segment_corrupt(format_args!("segment at position {}: {error}", head.first_position))
+                })?;
+                if !visit(&head, index, &raw)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -222,14 +422,33 @@ fn limit_of(max: usize) -> i64 {
 
 impl EventReader for SqliteStore {
     fn head(&mut self) -> Result<Position, StoreError> {
-        let head: i64 =
-            self.db.prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?.query_row([], |row| row.get(0))?;
-        Ok(Position(to_u64(head)))
+        let head: Option<i64> = self
+            .db
+            .prepare_cached("SELECT last_position FROM segments ORDER BY first_position DESC LIMIT 1")?
+            .query_row([], |row| row.get(0))
+            .optional()?;
+        Ok(Position(head.map_or(0, to_u64)))
     }
 
     fn read_from(&mut self, after: Position, max_events: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2");
-        self.query_events(&sql, params![to_i64(after.0), limit_of(max_events)])
+        let mut events = Vec::new();
+        if max_events == 0 {
+            return Ok(events);
+        }
+        // From the segment holding `after + 1` (which may start before it) on.
+        let sql = format!(
+            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE first_position >= COALESCE((SELECT first_position
+             FROM segments WHERE first_position <= ?1 ORDER BY first_position DESC LIMIT 1), ?1)
+             ORDER BY first_position"
+        );
+        let next = to_i64(after.0.saturating_add(1));
+        self.scan(&sql, params![next], |head, index, raw| {
+            if head.first_position + index > after.0 {
+                events.push(stored_event(head, index, raw)?);
+            }
+            Ok(events.len() < max_events)
+        })?;
+        Ok(events)
     }
 
     fn read_seqs(
@@ -239,10 +458,25 @@ impl EventReader for SqliteStore {
         to: Seq,
         max_events: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut events = Vec::new();
+        if max_events == 0 || from > to {
+            return Ok(events);
+        }
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE device = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4"
+            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE device = ?1 AND first_seq <= ?3
+             AND first_seq >= {FIRST_SEQ_FROM_SQL} ORDER BY first_seq"
         );
-        self.query_events(&sql, params![device.as_str(), to_i64(from.0), to_i64(to.0), limit_of(max_events)])
+        self.scan(&sql, params![device.as_str(), to_i64(from.0), to_i64(to.0)], |head, index, raw| {
+            let seq = head.first_seq + index;
+            if seq > to.0 {
+                return Ok(false);
+            }
+            if seq >= from.0 {
+                events.push(stored_event(head, index, raw)?);
+            }
+            Ok(events.len() < max_events)
+        })?;
+        Ok(events)
     }
 
     fn read_times(
@@ -253,17 +487,62 @@ impl EventReader for SqliteStore {
         cursor: Option<TimeCursor>,
         max_events: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        // Without a cursor, start before the first possible (time, seq).
-        let (after_time, after_seq) =
-            cursor.map_or((to_i64(from.0), -1), |(time, seq)| (to_i64(time.0), to_i64(seq.0)));
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE device = ?1 AND event_time_ms >= ?2 AND event_time_ms < ?3
-             AND (event_time_ms, seq) > (?4, ?5) ORDER BY event_time_ms, seq LIMIT ?6"
-        );
-        self.query_events(
-            &sql,
-            params![device.as_str(), to_i64(from.0), to_i64(to.0), after_time, after_seq, limit_of(max_events)],
-        )
+        if max_events == 0 || from >= to {
+            return Ok(Vec::new());
+        }
+        let after = |time: u64, seq: u64| {
+            cursor.is_none_or(|(cursor_time, cursor_seq)| (time, seq) > (cursor_time.0, cursor_seq.0))
+        };
+        let wanted = |time: u64, seq: u64| from.0 <= time && time < to.0 && after(time, seq);
+        // Candidates from the covering time index, without reading a blob: segments whose time
+        // range meets the window past the cursor.
+        let low = cursor.map_or(from.0, |(time, _)| time.0.max(from.0));
+        let mut candidates: Vec<(i64, i64)> = self
+            .db
+            .prepare_cached(
+                "SELECT min_time_ms, first_position FROM segments
+                 WHERE device = ?1 AND max_time_ms >= ?2 AND min_time_ms < ?3",
+            )?
+            .query_map(params![device.as_str(), to_i64(low), to_i64(to.0)], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        candidates.sort_unstable();
+        let one_segment = format!("SELECT {SEGMENT_COLUMNS} FROM segments WHERE first_position = ?1");
+        // The first `max_events` (time, seq) keys, found in order of the segments' earliest time:
+        // once a segment starts after the last key kept, no later one can hold a smaller key.
+        let mut keys: Vec<(u64, u64, i64)> = Vec::new();
+        for (min_time, first_position) in candidates {
+            if keys.len() >= max_events && keys.last().is_some_and(|(time, _, _)| to_u64(min_time) > *time) {
+                break;
+            }
+            self.scan(&one_segment, params![first_position], |head, index, raw| {
+                let seq = head.first_seq + index;
+                if wanted(raw.event_time_ms, seq) {
+                    keys.push((raw.event_time_ms, seq, first_position));
+                }
+                Ok(true)
+            })?;
+            if keys.len() >= max_events {
+                keys.sort_unstable();
+                keys.truncate(max_events);
+            }
+        }
+        keys.sort_unstable();
+        // Decode only the events kept, one segment at a time.
+        let mut by_segment: BTreeMap<i64, std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for (_, seq, first_position) in &keys {
+            by_segment.entry(*first_position).or_default().insert(*seq);
+        }
+        let mut events = Vec::with_capacity(keys.len());
+        for (first_position, seqs) in by_segment {
+            self.scan(&one_segment, params![first_position], |head, index, raw| {
+                if seqs.contains(&(head.first_seq + index)) {
+                    events.push(stored_event(head, index, raw)?);
+                }
+                Ok(true)
+            })?;
+        }
+        events.sort_unstable_by_key(|stored| (stored.event.event_time, stored.event.id.seq));
+        Ok(events)
     }
 
     fn streams(&mut self) -> Result<BTreeMap<DeviceId, StreamInfo>, StoreError> {
@@ -515,22 +794,11 @@ impl EventWriter for SqliteStore {
     }
 
     fn insert_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
-        self.begin()?;
-        let mut n_inserted = 0;
-        let mut rest = events;
-        while !rest.is_empty() {
-            // The largest cached statement that fits: one statement inserts many rows, so the
-            // per-statement cost (step, reset, VDBE setup) is paid once per chunk, not per row.
-            let n_rows = INSERT_CHUNK_ROWS.iter().copied().find(|n_rows| *n_rows <= rest.len()).unwrap_or(1);
-            let (chunk, tail) = rest.split_at(n_rows);
-            n_inserted += self.insert_chunk(chunk, meta)?;
-            rest = tail;
-        }
-        // `position` is the rowid and the insert leaves it NULL, so SQLite assigns max + 1 to each
-        // inserted row: positions stay dense (a skipped duplicate takes none) and in batch order.
-        self.next_position += n_inserted as u64;
-        debug_assert!(n_inserted == 0 || to_u64(self.db.last_insert_rowid()) == self.next_position - 1);
-        Ok((n_inserted, Position(self.next_position - 1)))
+        self.insert(events, meta, true)
+    }
+
+    fn insert_new_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
+        self.insert(events, meta, false)
     }
 
     fn write_stream(&mut self, device: &DeviceId, high: Seq, holes: &[(Seq, Seq)]) -> Result<(), StoreError> {
