@@ -296,8 +296,9 @@ pub trait EventWriter: EventReader {
 
     /// Inserts `events`, which the caller has proven are not stored (it holds the writer lock and
     /// its stream state is exact), each at the next position, without per-row conflict handling.
-    /// A stored id is still refused by the unique index: an error, never a second copy. Returns
-    /// how many were inserted and the head after. By default the same as
+    /// A stored id is still refused (by the unique index on PostgreSQL, by the overlap check and
+    /// the unique `(device, first_seq)` index of the segments on SQLite): an error, never a second
+    /// copy. Returns how many were inserted and the head after. By default the same as
     /// [`EventWriter::insert_events`].
     fn insert_new_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
         self.insert_events(events, meta)
