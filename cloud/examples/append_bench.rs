@@ -17,8 +17,8 @@
 //! transaction, without dedupe, stream bookkeeping and the writer lock:
 //! - on SQLite, plain multi-row INSERTs of the same events (chunks of 256, 64, 16, 4, 1 rows) into
 //!   (a) the per-event table with the two lookup indexes a per-event design needs (the store's
-//!   layout before segments: [`PER_EVENT_DDL`]) and (b) the same table without secondary
-//!   indexes (the issue's "raw SQLite, 1,000-row transactions" setting). The store keeps events
+//!   layout before segments: `sqlite::PER_EVENT_EVENTS_SQL`) and (b) the same table without
+//!   secondary indexes (the issue's "raw SQLite, 1,000-row transactions" setting). The store keeps events
 //!   as segments (one row per batch run), so (a) is the like-for-like design it replaces and (b)
 //!   the ceiling of inserting rows at all;
 //! - on PostgreSQL, one `UNNEST` INSERT per batch into the store's own table and indexes.
@@ -35,26 +35,6 @@ use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
 
 const BATCH_EVENTS: u64 = 1_000;
-
-/// The SQLite store's event table before segments (a row per event, two lookup indexes): the
-/// per-event baseline inserts into it. Kept here verbatim so the baseline stays what it was.
-const PER_EVENT_DDL: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    position       INTEGER PRIMARY KEY,
-    device         TEXT    NOT NULL,
-    seq            INTEGER NOT NULL,
-    hlc_wall_ms    INTEGER NOT NULL,
-    hlc_logical    INTEGER NOT NULL,
-    event_time_ms  INTEGER NOT NULL,
-    kind           INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
-    body           BLOB    NOT NULL,
-    gateway        TEXT    NOT NULL,
-    ingest_ms      INTEGER NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (device, seq);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (device, event_time_ms, seq);
-";
 
 /// Rows per multi-row `INSERT` of the SQLite baselines, largest first (what the per-event store
 /// used): a batch is cut into chunks of these sizes.
@@ -169,7 +149,7 @@ fn raw_insert_sql(n_rows: usize) -> String {
 /// Which table the SQLite baseline fills.
 #[derive(Clone, Copy)]
 enum RawTable {
-    /// [`PER_EVENT_DDL`]: the per-event table with its two lookup indexes.
+    /// [`sqlite::PER_EVENT_EVENTS_SQL`]: the per-event table with its two lookup indexes.
     Indexed,
     /// The same table without secondary indexes.
     Plain,
@@ -181,9 +161,12 @@ fn raw_sqlite(path: &std::path::Path, table: RawTable, groups: &[Vec<EventBatch>
         db.pragma_update(None, name, value)?;
     }
     match table {
-        RawTable::Indexed => db.execute_batch(PER_EVENT_DDL)?,
+        RawTable::Indexed => db.execute_batch(sqlite::PER_EVENT_EVENTS_SQL)?,
         RawTable::Plain => {
-            let table_only = PER_EVENT_DDL.split("CREATE UNIQUE INDEX").next().unwrap_or(PER_EVENT_DDL);
+            let table_only = sqlite::PER_EVENT_EVENTS_SQL
+                .split("CREATE UNIQUE INDEX")
+                .next()
+                .unwrap_or(sqlite::PER_EVENT_EVENTS_SQL);
             db.execute_batch(table_only)?
         }
     }

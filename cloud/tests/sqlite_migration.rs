@@ -7,30 +7,16 @@
 
 use std::path::Path;
 
-use tidesync_cloud::store::sqlite::{SqliteStore, SCHEMA_VERSION};
+use tidesync_cloud::store::sqlite::{SqliteStore, PER_EVENT_EVENTS_SQL, SCHEMA_VERSION};
 use tidesync_cloud::store::{Backend, CloudStore, EventReader, IngestMeta, Position, StoreError, StoredEvent};
 use tidesync_core::event::{DeviceId, Event, EventId, GatewayId, Hlc, LogLine, Millis, Payload, SensorReading, Seq};
 use tidesync_core::ledger::Ledger;
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
 
-/// The schema of the per-event layout, verbatim from the build before segments.
-const PER_EVENT_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    position       INTEGER PRIMARY KEY,
-    device         TEXT    NOT NULL,
-    seq            INTEGER NOT NULL,
-    hlc_wall_ms    INTEGER NOT NULL,
-    hlc_logical    INTEGER NOT NULL,
-    event_time_ms  INTEGER NOT NULL,
-    kind           INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
-    body           BLOB    NOT NULL,
-    gateway        TEXT    NOT NULL,
-    ingest_ms      INTEGER NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (device, seq);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (device, event_time_ms, seq);
+/// The other tables of the per-event layout, verbatim from the build before segments (its event
+/// table is [`PER_EVENT_EVENTS_SQL`]).
+const PER_EVENT_OTHER_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS streams (
     device TEXT PRIMARY KEY NOT NULL,
     high   INTEGER NOT NULL,
@@ -103,7 +89,8 @@ fn write_old_file(path: &Path, log: &[StoredEvent], streams: &[(DeviceId, u64, &
     let db = rusqlite::Connection::open(path).unwrap();
     db.pragma_update(None, "journal_mode", "WAL").unwrap();
     db.pragma_update(None, "application_id", tidesync_cloud::store::sqlite::APPLICATION_ID).unwrap();
-    db.execute_batch(PER_EVENT_SCHEMA).unwrap();
+    db.execute_batch(PER_EVENT_EVENTS_SQL).unwrap();
+    db.execute_batch(PER_EVENT_OTHER_TABLES).unwrap();
     let mut insert = db
         .prepare(
             "INSERT INTO events (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version,

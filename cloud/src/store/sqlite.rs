@@ -28,6 +28,7 @@ use super::{
 };
 
 mod migrate;
+pub use migrate::PER_EVENT_EVENTS_SQL;
 pub mod segment;
 
 /// `PRAGMA application_id` of a cloud store ("TSCL").

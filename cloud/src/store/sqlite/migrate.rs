@@ -11,6 +11,27 @@ use super::segment::{RawEvent, SegmentEncoder};
 use super::{to_i64, to_u64, APPLICATION_ID, INSERT_SEGMENT_SQL, SCHEMA_SQL, SCHEMA_VERSION};
 use crate::store::StoreError;
 
+/// The event table of layout 0 (a row per event, two lookup indexes), verbatim: what
+/// [`create_or_migrate`] reads from. Also the per-event baseline `append_bench` compares segments
+/// with, and the old file the migration tests build.
+pub const PER_EVENT_EVENTS_SQL: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY,
+    device         TEXT    NOT NULL,
+    seq            INTEGER NOT NULL,
+    hlc_wall_ms    INTEGER NOT NULL,
+    hlc_logical    INTEGER NOT NULL,
+    event_time_ms  INTEGER NOT NULL,
+    kind           INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL,
+    body           BLOB    NOT NULL,
+    gateway        TEXT    NOT NULL,
+    ingest_ms      INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (device, seq);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (device, event_time_ms, seq);
+";
+
 /// Creates the tables (a new file), migrates an old layout, or checks the layout is current.
 /// Runs inside a write transaction the caller commits.
 pub(super) fn create_or_migrate(db: &Connection, path: &Path) -> Result<(), StoreError> {
