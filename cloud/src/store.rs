@@ -181,6 +181,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a unique index refused a row: an event stored already was inserted as new.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => error.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION),
+            StoreError::Sqlite(error) => error.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation),
+            _ => false,
+        }
+    }
+
     fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> Self {
         StoreError::Corrupt { what, detail: detail.to_string() }
     }
@@ -298,7 +307,9 @@ pub trait EventWriter: EventReader {
     /// its stream state is exact), each at the next position, without per-row conflict handling.
     /// A stored id is still refused (by the unique index on PostgreSQL, by the overlap check and
     /// the unique `(device, first_seq)` index of the segments on SQLite): an error, never a second
-    /// copy. Returns how many were inserted and the head after. By default the same as
+    /// copy. The error may come from this call or, where the backend holds the rows back to send
+    /// a group's inserts together (PostgreSQL), from a later statement or the commit; either way
+    /// the transaction fails as a whole ([`StoreError::is_conflict`] tells it apart). Returns how many were inserted and the head after. By default the same as
     /// [`EventWriter::insert_events`].
     fn insert_new_events(&mut self, events: &[Event], meta: &IngestMeta) -> Result<(usize, Position), StoreError> {
         self.insert_events(events, meta)
@@ -727,6 +738,12 @@ impl CloudStore {
             Err(error) => {
                 tracing::error!(%error, "group commit failed; rolling back");
                 writer.rollback();
+                if error.is_conflict() {
+                    // A backend that holds inserts back until the commit (PostgreSQL) reports a
+                    // proven-new event found stored here rather than at the insert.
+                    tracing::warn!("an insert proven new conflicted at the commit: checking conflicts from now on");
+                    self.proofs_failed = true;
+                }
                 for (device, state) in self.saved.take().unwrap_or_default() {
                     match state {
                         Some(state) => self.streams.insert(device, state),

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use tidesync_cloud::store::{Backend, CloudStore, EventReader, IngestMeta, Position, StoredEvent};
+use tidesync_cloud::store::{Backend, CloudStore, EventReader, EventWriter, IngestMeta, Position, StoredEvent};
 use tidesync_core::event::{DeviceId, Event, EventId, GatewayId, Hlc, Millis, Payload, SensorReading, Seq};
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
@@ -204,13 +204,20 @@ fn long_runs_and_overlapping_inserts(backend: &Backend) {
         assert_eq!(stored_positions, (2_501..=2_506).collect::<Vec<_>>(), "SQLite positions are dense");
     }
 
-    // An insert proven new that finds a stored seq is refused, and the transaction rolls back.
-    let error = writer.insert_new_events(&[reading(d, 2_507, 1), reading(d, 2_506, 1)], &meta("gw", 3));
-    assert!(error.is_err(), "a stored seq inserted as new is refused");
-    writer.rollback();
-    let error = writer.insert_new_events(&[reading(d, 2_500, 1), reading(d, 2_501, 1)], &meta("gw", 3));
-    assert!(error.is_err(), "a run overlapping the stored tail is refused");
-    writer.rollback();
+    // An insert proven new that finds a stored seq is refused (at the insert on SQLite, at the
+    // commit on PostgreSQL, which holds inserts back), and the transaction rolls back.
+    let refused = |writer: &mut Box<dyn EventWriter>, events: &[Event]| {
+        let error = match writer.insert_new_events(events, &meta("gw", 3)) {
+            Ok(_) => writer.commit().expect_err("a stored seq inserted as new is refused at the commit"),
+            Err(error) => error,
+        };
+        writer.rollback();
+        error
+    };
+    let error = refused(&mut writer, &[reading(d, 2_507, 1), reading(d, 2_506, 1)]);
+    assert!(error.is_conflict(), "a stored seq inserted as new is a conflict: {error}");
+    let error = refused(&mut writer, &[reading(d, 2_500, 1), reading(d, 2_501, 1)]);
+    assert!(error.is_conflict(), "a run overlapping the stored tail is a conflict: {error}");
     assert_eq!(reader.read_seqs(&d, Seq(2_507), Seq(3_000), 10).unwrap().len(), 0);
     assert_eq!(reader.read_seqs(&d, Seq(1), Seq(3_000), 10_000).unwrap().len(), 2_506);
 }
