@@ -7,6 +7,11 @@
 //! [`Runner::rebuild`] does. An event a projection cannot apply goes to the dead-letter table with
 //! its reason (its partial changes are discarded) and the fold goes on.
 //!
+//! Rows are changed in place ([`Rows::get_mut`]): a fold step that rewrote a whole JSON row per
+//! event spent most of its time building and dropping maps. So that nothing needs copying to be
+//! undone, a projection should reject an event before it changes a row; one that rejects after a
+//! change is still handled (the batch is folded again without that event), only slower.
+//!
 //! Invariant: a projection's rows depend only on the log up to its checkpoint (no clock, no
 //! randomness, no order but position order), so rebuild = incremental fold.
 
@@ -17,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{Backend, DeadLetter, EventReader, EventWriter, HeadWatch, StoreError, StoredEvent};
+use crate::store::{Backend, DeadLetter, EventReader, EventWriter, HeadWatch, Position, StoreError, StoredEvent};
 
 pub use builtin::{builtin, AlertRule};
 
@@ -50,10 +55,8 @@ pub struct Rows<'a> {
     /// Every row read or written in this batch: its value (`None`: absent or deleted) and whether
     /// the batch changed it.
     cache: BTreeMap<String, CachedRow>,
-    /// For the event being applied: the entry each key had before its first change by this event
-    /// (`None`: not cached), restored if the event is rejected. Old values move in here rather
-    /// than being copied, so a fold step allocates only what it writes.
-    undo: Vec<(String, Option<CachedRow>)>,
+    /// Whether the event being applied changed a row (a rejection after a change costs a refold).
+    event_changed: bool,
 }
 
 struct CachedRow {
@@ -63,17 +66,32 @@ struct CachedRow {
 
 impl<'a> Rows<'a> {
     fn new(writer: &'a mut dyn EventWriter, projection: &'a str) -> Self {
-        Self { writer, projection, cache: BTreeMap::new(), undo: Vec::new() }
+        Self { writer, projection, cache: BTreeMap::new(), event_changed: false }
+    }
+
+    fn cached(&mut self, key: &str) -> Result<&mut CachedRow, StoreError> {
+        if !self.cache.contains_key(key) {
+            let value = self.writer.row(self.projection, key)?;
+            self.cache.insert(key.to_string(), CachedRow { value, changed: false });
+        }
+        self.cache.get_mut(key).ok_or(StoreError::Corrupt { what: "projection cache", detail: key.to_string() })
     }
 
     /// The row at `key`.
     pub fn get(&mut self, key: &str) -> Result<Option<&serde_json::Value>, StoreError> {
-        if !self.cache.contains_key(key) {
-            let value = self.writer.row(self.projection, key)?;
-            // A row as stored is not a change, so it needs no undo entry.
-            self.cache.insert(key.to_string(), CachedRow { value, changed: false });
+        Ok(self.cached(key)?.value.as_ref())
+    }
+
+    /// The row at `key`, to change in place (it counts as changed). Change nothing in an event
+    /// that is then rejected (see the module documentation).
+    pub fn get_mut(&mut self, key: &str) -> Result<Option<&mut serde_json::Value>, StoreError> {
+        let row = self.cached(key)?;
+        if row.value.is_none() {
+            return Ok(None);
         }
-        Ok(self.cache.get(key).and_then(|row| row.value.as_ref()))
+        row.changed = true;
+        self.event_changed = true;
+        Ok(self.cache.get_mut(key).and_then(|row| row.value.as_mut()))
     }
 
     /// Sets the row at `key`.
@@ -87,42 +105,66 @@ impl<'a> Rows<'a> {
     }
 
     fn set(&mut self, key: String, value: Option<serde_json::Value>) {
-        let row = CachedRow { value, changed: true };
-        match self.cache.get_mut(&key) {
-            Some(cached) => {
-                let previous = std::mem::replace(cached, row);
-                self.undo.push((key, Some(previous)));
-            }
-            None => {
-                self.cache.insert(key.clone(), row);
-                self.undo.push((key, None));
-            }
-        }
-    }
-
-    /// The event's changes stand.
-    fn keep(&mut self) {
-        self.undo.clear();
-    }
-
-    /// The event's changes are undone (newest first, so each key ends at its state before it).
-    fn discard(&mut self) {
-        while let Some((key, previous)) = self.undo.pop() {
-            match previous {
-                Some(previous) => {
-                    self.cache.insert(key, previous);
-                }
-                None => {
-                    self.cache.remove(&key);
-                }
-            }
-        }
+        self.event_changed = true;
+        self.cache.insert(key, CachedRow { value, changed: true });
     }
 
     /// The rows this batch changed, in key order.
     fn into_changes(self) -> Vec<(String, Option<serde_json::Value>)> {
-        debug_assert!(self.undo.is_empty());
         self.cache.into_iter().filter(|(_, row)| row.changed).map(|(key, row)| (key, row.value)).collect()
+    }
+}
+
+/// What folding one batch into one projection gave: its changed rows and its dead letters.
+struct Folded {
+    changes: Vec<(String, Option<serde_json::Value>)>,
+    letters: Vec<DeadLetter>,
+}
+
+/// Folds `events` past `checkpoint` into `projection`. An event rejected after it changed a row
+/// cannot be taken back from the rows in place, so the batch is folded again from the stored rows
+/// without it (once for each such event; the built-ins never do this).
+fn fold(
+    writer: &mut dyn EventWriter,
+    projection: &dyn Projection,
+    events: &[StoredEvent],
+    checkpoint: Position,
+) -> Result<Folded, StoreError> {
+    let name = projection.name();
+    // Events rejected after a change, with their reasons: skipped by the folds after.
+    let mut skipped: BTreeMap<Position, String> = BTreeMap::new();
+    'fold: loop {
+        let mut letters = Vec::new();
+        let mut rows = Rows::new(&mut *writer, name);
+        for event in events.iter().filter(|event| event.position > checkpoint) {
+            let outcome = match skipped.get(&event.position) {
+                Some(reason) => Err(ApplyError::Rejected(reason.clone())),
+                None => {
+                    rows.event_changed = false;
+                    let outcome = projection.apply(&mut rows, event);
+                    if let (Err(ApplyError::Rejected(reason)), true) = (&outcome, rows.event_changed) {
+                        tracing::debug!(projection = %name, id = %event.event.id, "rejected after a change: folding the batch again without it");
+                        skipped.insert(event.position, reason.clone());
+                        continue 'fold;
+                    }
+                    outcome
+                }
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(ApplyError::Rejected(reason)) => {
+                    tracing::warn!(projection = %name, id = %event.event.id, %reason, "dead letter");
+                    letters.push(DeadLetter {
+                        projection: name.to_string(),
+                        position: event.position,
+                        id: event.event.id,
+                        reason,
+                    });
+                }
+                Err(ApplyError::Store(error)) => return Err(error),
+            }
+        }
+        return Ok(Folded { changes: rows.into_changes(), letters });
     }
 }
 
@@ -131,7 +173,8 @@ pub trait Projection: Send {
     /// Its stable name (also its table namespace and the name `rebuild` takes).
     fn name(&self) -> &str;
 
-    /// Folds one event into the rows.
+    /// Folds one event into the rows. Reject an event ([`ApplyError::Rejected`]) before changing
+    /// a row: a rejection after a change is undone by folding the batch again without the event.
     fn apply(&self, rows: &mut Rows<'_>, event: &StoredEvent) -> Result<(), ApplyError>;
 }
 
@@ -228,32 +271,14 @@ impl Runner {
             return Ok(0);
         };
         for (projection, checkpoint) in selected.into_iter().zip(checkpoints) {
-            let name = projection.name().to_string();
-            let mut letters = Vec::new();
-            let mut rows = Rows::new(&mut *self.writer, &name);
-            for event in events.iter().filter(|event| event.position > checkpoint) {
-                match projection.apply(&mut rows, event) {
-                    Ok(()) => rows.keep(),
-                    Err(ApplyError::Rejected(reason)) => {
-                        rows.discard();
-                        tracing::warn!(projection = %name, id = %event.event.id, %reason, "dead letter");
-                        letters.push(DeadLetter {
-                            projection: name.clone(),
-                            position: event.position,
-                            id: event.event.id,
-                            reason,
-                        });
-                    }
-                    Err(ApplyError::Store(error)) => return Err(error),
-                }
-            }
-            let changed = rows.into_changes();
-            self.writer.put_rows(&name, &changed)?;
+            let name = projection.name();
+            let Folded { changes, letters } = fold(&mut *self.writer, projection, &events, checkpoint)?;
+            self.writer.put_rows(name, &changes)?;
             for letter in &letters {
                 self.writer.add_dead_letter(letter)?;
             }
             if last > checkpoint {
-                self.writer.set_checkpoint(&name, last)?;
+                self.writer.set_checkpoint(name, last)?;
             }
         }
         self.writer.commit()?;

@@ -7,8 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use tidesync_cloud::projection::{builtin, AlertRule, Runner};
-use tidesync_cloud::store::{Backend, CloudStore, IngestMeta, Position};
+use tidesync_cloud::projection::{builtin, AlertRule, ApplyError, Projection, Rows, Runner};
+use tidesync_cloud::store::{Backend, CloudStore, IngestMeta, Position, StoredEvent};
 use tidesync_core::event::{
     DeviceId, Event, EventId, Gap, GapReason, GatewayId, Hlc, Millis, Payload, SensorReading, Seq,
 };
@@ -227,4 +227,65 @@ fn projections_rebuild_command_refolds_a_store_on_disk() {
         .unwrap();
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no projection named"));
+}
+
+/// Counts readings per device in one row, changing it in place before it looks at the value, and
+/// rejects negative readings after that change: the worst case the framework must still undo.
+struct CountThenReject;
+
+impl Projection for CountThenReject {
+    fn name(&self) -> &str {
+        "count-then-reject"
+    }
+
+    fn apply(&self, rows: &mut Rows<'_>, event: &StoredEvent) -> Result<(), ApplyError> {
+        let Payload::Reading(reading) = &event.event.payload else { return Ok(()) };
+        let key = event.event.id.device.to_string();
+        match rows.get_mut(&key)? {
+            Some(row) => row["n"] = serde_json::json!(row["n"].as_u64().unwrap_or(0) + 1),
+            None => rows.put(key.clone(), serde_json::json!({ "n": 1 })),
+        }
+        rows.put(format!("{key}|last"), serde_json::json!(reading.value));
+        if reading.value < 0.0 {
+            return Err(ApplyError::Rejected(format!("negative reading {}", reading.value)));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_rejection_after_a_change_undoes_the_change_and_the_fold_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Sqlite { path: dir.path().join("cloud.sqlite3") };
+    let mut store = CloudStore::open(backend.open_writer().unwrap(), ShadowLimits::default()).unwrap();
+    let device = DeviceId::new("d0").unwrap();
+    // Eight readings, the 3rd, 6th and 8th negative: the last one is rejected with nothing after
+    // it that could paper over a change it left behind.
+    let values = [1.0, 2.0, -3.0, 4.0, 5.0, -6.0, 7.0, -8.0];
+    let events: Vec<Event> = values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| event(device, i as u64 + 1, &(i as u64 * 1_000, 0, *value, false, false)))
+        .collect();
+    let meta = IngestMeta { gateway: GatewayId::new("gw").unwrap(), ingest_time: Millis(5) };
+    store.append_from(&EventBatch::new(device, Seq(1), events).unwrap(), &meta).unwrap();
+    store.commit().unwrap();
+    // The first step folds 5 events, the second the other 3: rows read back from the store.
+    let mut runner =
+        Runner::new(backend.open_writer().unwrap(), vec![Box::new(CountThenReject)]).with_batch_events_max(5);
+    assert_eq!(runner.catch_up().unwrap(), 8);
+    let mut reader = backend.open_reader().unwrap();
+    assert_eq!(reader.row("count-then-reject", "d0").unwrap().unwrap()["n"], 5, "only accepted readings count");
+    assert_eq!(reader.row("count-then-reject", "d0|last").unwrap().unwrap(), 7.0, "the rejected -8 left nothing");
+    let (letters, n_dead) = reader.dead_letters(Some("count-then-reject"), 10).unwrap();
+    assert_eq!(n_dead, 3);
+    let mut seqs: Vec<u64> = letters.iter().map(|letter| letter.id.seq.0).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [3, 6, 8]);
+    assert!(letters.iter().any(|letter| letter.reason == "negative reading -6"), "{letters:?}");
+    // A rebuild in one step gives the same rows and letters.
+    let mut rebuilder = Runner::new(backend.open_writer().unwrap(), vec![Box::new(CountThenReject)]);
+    assert_eq!(rebuilder.rebuild("count-then-reject").unwrap(), Some(8));
+    assert_eq!(reader.row("count-then-reject", "d0").unwrap().unwrap()["n"], 5);
+    assert_eq!(reader.dead_letters(Some("count-then-reject"), 10).unwrap().1, 3);
 }
