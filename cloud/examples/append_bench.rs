@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! cargo run --release -p tidesync-cloud --example append_bench -- [N_EVENTS] [--rounds R]
-//!     [--commit-events C] [--only sqlite|postgres]
+//!     [--commit-events C] [--batch-events B] [--only sqlite|postgres]
 //! ```
 //!
 //! PostgreSQL runs too when `TIDESYNC_TEST_POSTGRES_URL` is set.
 //!
-//! Workload: 10 devices, batches of 1,000 readings each as gateways deliver them; `C` events per
-//! commit (default 1,000: one batch per transaction). The store path is `CloudStore::append_from`
+//! Workload: 10 devices, batches of `B` readings each (default 1,000) as gateways deliver them; `C`
+//! events per commit (default 1,000: one batch per transaction; a multiple of `B`). Devices that
+//! send as they read deliver batches of a few events: `--batch-events 10` is that case. The store path is `CloudStore::append_from`
 //! then `commit` (what `tidesync-cloud run` does per group commit): dedupe by event id, stream
 //! bookkeeping, writer lock, global positions.
 //!
@@ -34,7 +35,7 @@ use tidesync_core::event::{DeviceId, Event, EventId, GatewayId, Hlc, Millis, Pay
 use tidesync_core::shadow::ShadowLimits;
 use tidesync_core::wire::EventBatch;
 
-const BATCH_EVENTS: u64 = 1_000;
+const DEFAULT_BATCH_EVENTS: u64 = 1_000;
 
 /// Rows per multi-row `INSERT` of the SQLite baselines, largest first (what the per-event store
 /// used): a batch is cut into chunks of these sizes.
@@ -45,25 +46,36 @@ struct Options {
     n_events: u64,
     rounds: usize,
     commit_events: u64,
+    batch_events: u64,
     only: Option<String>,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut options = Options { n_events: 200_000, rounds: 5, commit_events: BATCH_EVENTS, only: None };
+    let mut options = Options {
+        n_events: 200_000,
+        rounds: 5,
+        commit_events: DEFAULT_BATCH_EVENTS,
+        batch_events: DEFAULT_BATCH_EVENTS,
+        only: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
         match arg.as_str() {
             "--rounds" => options.rounds = value()?.parse()?,
             "--commit-events" => options.commit_events = value()?.parse()?,
+            "--batch-events" => options.batch_events = value()?.parse()?,
             "--only" => options.only = Some(value()?),
             number => options.n_events = number.parse()?,
         }
     }
     anyhow::ensure!(options.rounds > 0, "--rounds must be at least 1");
     anyhow::ensure!(
-        options.commit_events >= BATCH_EVENTS && options.commit_events % BATCH_EVENTS == 0,
-        "--commit-events must be a multiple of {BATCH_EVENTS}"
+        options.batch_events > 0
+            && options.commit_events >= options.batch_events
+            && options.commit_events % options.batch_events == 0,
+        "--commit-events must be a multiple of --batch-events ({})",
+        options.batch_events
     );
     Ok(options)
 }
@@ -72,10 +84,11 @@ fn options() -> anyhow::Result<Options> {
 fn workload(options: &Options) -> anyhow::Result<Vec<Vec<EventBatch>>> {
     let per_device = options.n_events / DEVICES;
     let mut batches = Vec::new();
-    for first in (1..=per_device).step_by(BATCH_EVENTS as usize) {
+    let batch_events = options.batch_events;
+    for first in (1..=per_device).step_by(batch_events as usize) {
         for device_index in 0..DEVICES {
             let device = DeviceId::new(&format!("dev-{device_index}"))?;
-            let last = (first + BATCH_EVENTS - 1).min(per_device);
+            let last = (first + batch_events - 1).min(per_device);
             let events = (first..=last)
                 .map(|seq| Event {
                     id: EventId { device, seq: Seq(seq) },
@@ -91,7 +104,7 @@ fn workload(options: &Options) -> anyhow::Result<Vec<Vec<EventBatch>>> {
             batches.push(EventBatch::new(device, Seq(first), events)?);
         }
     }
-    let per_commit = (options.commit_events / BATCH_EVENTS) as usize;
+    let per_commit = (options.commit_events / batch_events) as usize;
     Ok(batches.chunks(per_commit).map(<[EventBatch]>::to_vec).collect())
 }
 
@@ -313,9 +326,10 @@ fn main() -> anyhow::Result<()> {
     let groups = workload(&options)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "workload: {} events, {DEVICES} devices, batches of {BATCH_EVENTS}, {} events per commit, {} rounds; \
+        "workload: {} events, {DEVICES} devices, batches of {}, {} events per commit, {} rounds; \
          load average at start: {}",
         n_events_of(&groups),
+        options.batch_events,
         options.commit_events,
         options.rounds,
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
