@@ -448,6 +448,54 @@ fn open_failures_are_errors(backend: &Backend) {
     }
 }
 
+/// Writes a backend may hold back until the commit (PostgreSQL's `Pending`) are seen by every
+/// read and insert of their own transaction, and vanish with it on rollback.
+fn a_transaction_reads_its_own_writes(backend: &Backend) {
+    let d = device("d1");
+    let other = device("d2");
+    let mut writer = backend.open_writer().unwrap();
+    writer.begin().unwrap();
+    let events: Vec<Event> = (1..=5).map(|seq| reading(d, seq, 1_000 * seq, seq as f64)).collect();
+    assert_eq!(writer.insert_new_events(&events, &meta("gw", 1)).unwrap(), (5, Position(5)));
+    writer.write_stream(&d, Seq(5), &[]).unwrap();
+    let chain = tidesync_core::auth::ChainHash([7; 32]);
+    writer.write_chain_head(&d, Seq(5), &chain).unwrap();
+    let other_events = [reading(other, 1, 1_000, 1.0)];
+    assert_eq!(writer.insert_new_events(&other_events, &meta("gw2", 2)).unwrap(), (1, Position(6)));
+    // Reads inside the transaction see the writes.
+    assert_eq!(writer.head().unwrap(), Position(6));
+    let read: Vec<(u64, u64)> = writer
+        .read_from(Position(0), 100)
+        .unwrap()
+        .iter()
+        .map(|stored| (stored.position.0, stored.event.id.seq.0))
+        .collect();
+    assert_eq!(read, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 1)]);
+    assert_eq!(writer.read_seqs(&other, Seq(1), Seq(1), 10).unwrap()[0].meta, meta("gw2", 2));
+    assert_eq!(writer.streams().unwrap()[&d].high, Seq(5));
+    assert_eq!(writer.chain_heads().unwrap()[&d], (Seq(5), chain));
+    // An insert that checks conflicts sees them too: seqs 4 and 5 are skipped.
+    let overlap: Vec<Event> = (4..=7).map(|seq| reading(d, seq, 1_000 * seq, 0.0)).collect();
+    assert_eq!(writer.insert_events(&overlap, &meta("gw", 3)).unwrap().0, 2);
+    // The stream row written last wins.
+    writer.write_stream(&d, Seq(7), &[]).unwrap();
+    writer.rollback();
+    assert!(all_events(backend).is_empty(), "a rolled-back transaction leaves nothing");
+    let mut reader = backend.open_reader().unwrap();
+    assert!(reader.streams().unwrap().is_empty());
+    assert!(reader.chain_heads().unwrap().is_empty());
+    // The same writes committed are all stored, once.
+    writer.begin().unwrap();
+    writer.insert_new_events(&events, &meta("gw", 1)).unwrap();
+    writer.write_stream(&d, Seq(3), &[]).unwrap();
+    writer.write_stream(&d, Seq(5), &[]).unwrap();
+    writer.write_chain_head(&d, Seq(5), &chain).unwrap();
+    writer.commit().unwrap();
+    assert_eq!(all_events(backend).len(), 5);
+    assert_eq!(reader.streams().unwrap()[&d].high, Seq(5));
+    assert_eq!(reader.chain_heads().unwrap()[&d], (Seq(5), chain));
+}
+
 conformance!(
     append_dedupes_by_event_id,
     duplicates_after_reopen_are_not_stored,
@@ -463,4 +511,5 @@ conformance!(
     two_writers_never_store_an_id_twice,
     a_failed_insert_never_commits_its_group,
     projection_writes_do_not_stall_appends,
+    a_transaction_reads_its_own_writes,
 );
