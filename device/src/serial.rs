@@ -7,7 +7,9 @@
 //! a record at or below it is a duplicate (not stored, but acknowledged again, since the earlier
 //! ack may have been lost); the record right after it is new; a record further ahead means one
 //! in between was lost on the line, so it is dropped and the firmware's resend fills the hole.
-//! An ack is sent only after the events are durable (`Pending::wait`).
+//! An ack is sent only after the events are durable (`Pending::wait`). An intact record whose
+//! reading the ledger refuses (a NaN value, say) is recorded at its seq as an error log line that
+//! keeps all its fields, so one bad sample neither halts the port nor is lost.
 //!
 //! Frame decoding is the firmware crate's `no_std` decoder; this module only moves bytes.
 
@@ -19,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::termios::{self, SetArg, SpecialCharacterIndices};
-use tidesync_core::event::Seq;
+use tidesync_core::event::{LogLevel, LogLine, Payload, Seq};
+use tidesync_core::record::ReadingRecord;
 use tidesync_firmware::link::{encode_frame, FrameDecoder, FrameError, Message};
 
 use crate::agent::Agent;
@@ -80,6 +83,9 @@ pub struct IngestStats {
     pub records_ahead: u64,
     /// Frames rejected by the decoder (noise, CRC, oversize, unknown type).
     pub frames_rejected: u64,
+    /// Intact records whose reading the ledger refuses (a NaN, an empty sensor name): each is
+    /// recorded at its seq as an error log line that keeps every field, and acknowledged.
+    pub records_quarantined: u64,
     /// Ack frames written.
     pub acks_sent: u64,
 }
@@ -137,6 +143,24 @@ pub fn run_ingest(agent: &Agent, path: &Path, source: &str, stop: &AtomicBool) -
     Ok(ingest.stats)
 }
 
+/// The log line that stands for `record`, which the ledger refused for `error`: the value also as
+/// its bits, so a NaN's payload or a negative zero survives.
+fn quarantined(record: &ReadingRecord<'_>, error: &StoreError) -> Payload {
+    Payload::Log(LogLine {
+        level: LogLevel::Error,
+        message: format!(
+            "firmware record {} refused ({error}): sensor {:?}, value {:?} (bits {:#018x}), unit {:?}, hlc {}.{}",
+            record.seq.0,
+            record.sensor,
+            record.value,
+            record.value.to_bits(),
+            record.unit,
+            record.hlc.wall_ms,
+            record.hlc.logical,
+        ),
+    })
+}
+
 /// The ingest's state between reads: the decoder, the source's watermark and the counters.
 struct Ingest<'a> {
     agent: &'a Agent,
@@ -176,7 +200,15 @@ impl<'a> Ingest<'a> {
                 if seq <= batch_high {
                     stats.records_duplicate += 1;
                 } else if seq == batch_high + 1 && events.len() < BATCH_RECORDS_MAX {
-                    match NewEvent::new(record.event_time, &record.to_payload()) {
+                    let event = NewEvent::new(record.event_time, &record.to_payload()).or_else(|error| {
+                        // The frame arrived intact, so the firmware will not send it otherwise:
+                        // refusing it would halt the port, acking it unrecorded would lose it.
+                        // It takes its seq as an error log line holding every field instead.
+                        tracing::warn!(seq, %error, "record refused by the ledger: kept as a log line");
+                        stats.records_quarantined += 1;
+                        NewEvent::new(record.event_time, &quarantined(&record, &error))
+                    });
+                    match event {
                         Ok(event) => {
                             events.push(event);
                             batch_high = seq;

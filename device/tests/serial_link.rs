@@ -205,3 +205,46 @@ fn serial_ingest_is_exactly_once_across_lost_acks_and_restarts() -> Result<()> {
     drop(pty.slave);
     Ok(())
 }
+
+#[test]
+fn an_intact_record_the_ledger_refuses_is_kept_as_a_log_line_and_the_port_goes_on() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = DeviceStore::create(&dir.path().join("ledger.db"), DeviceId::new("dev-1")?, LedgerConfig::default())?;
+    let agent = Agent::start(store)?;
+    let pty = openpty(None, None)?;
+    set_raw(&pty.slave)?;
+    let path = slave_path(&pty.slave)?;
+    let log = Log::open(Flash::new()).context("open log")?;
+    let link = Link::new(log.acked(), 0, 64, RESEND_AFTER_MS);
+    let mut firmware =
+        Firmware { log, link, port: Port { master: File::from(pty.master) }, start: Instant::now(), readings: 0 };
+    // Three good readings, a NaN (a sensor fault: valid CRC, refused by the ledger), two more.
+    firmware.sample(3)?;
+    let nan = ReadingRecord {
+        seq: Seq::ZERO,
+        hlc: Hlc { wall_ms: 1_700_000_000_004, logical: 0 },
+        event_time: Millis(1_700_000_000_004),
+        sensor: "sht3x.temperature",
+        value: f64::NAN,
+        unit: "Cel",
+    };
+    firmware.log.append_reading(nan).context("append")?;
+    firmware.readings += 1;
+    firmware.sample(2)?;
+    let stats = with_ingest(&agent, &path, || firmware.pump_until(6, None))?;
+    assert_eq!(stats.records_quarantined, 1, "{stats:?}");
+    assert_eq!(stats.records_stored, 6, "{stats:?}");
+    assert_eq!(firmware.log.acked(), Seq(6), "acknowledged past the refused record");
+    assert_eq!(agent.source_high(SOURCE)?, 6);
+    let events = agent.with_store(|store| store.events_from(Seq(1), 100))?.context("events")?;
+    assert_eq!(events.len(), 6, "one ledger event per firmware record");
+    let Payload::Log(line) = &events[3].payload else { panic!("seq 4 is a log line: {:?}", events[3].payload) };
+    assert!(line.message.starts_with("firmware record 4 refused"), "{}", line.message);
+    assert!(line.message.contains(&format!("{:#018x}", f64::NAN.to_bits())), "the value's bits: {}", line.message);
+    assert!(line.message.contains("\"sht3x.temperature\""), "{}", line.message);
+    assert_eq!(events[3].event_time, Millis(1_700_000_000_004));
+    assert_eq!(readings_in_ledger(&agent)?, [0.25, 0.5, 0.75, 1.25, 1.5]);
+    agent.close()?;
+    drop(pty.slave);
+    Ok(())
+}
