@@ -39,9 +39,19 @@ fn init(data_dir: &Path) {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
-/// One run of the recorder: feeds readings with values from `next_value` on until killed after
-/// `kill_after`; returns the acknowledged (seq, value) pairs and the next unused value.
-fn run_until_killed(data_dir: &Path, next_value: u64, kill_after: Duration) -> (Vec<(u64, u64)>, u64) {
+/// When a run is killed: `kill_after` after the process started, or after its first ack.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// Counted from the start: on a loaded machine this may land before SQLite is open.
+    FromStart(Duration),
+    /// Counted from the first acknowledgement (waited for up to 20 s), so the kill lands while
+    /// group commits are in flight however slowly the process started.
+    FromFirstAck(Duration),
+}
+
+/// One run of the recorder: feeds readings with values from `next_value` on until killed at
+/// `kill_at`; returns the acknowledged (seq, value) pairs and the next unused value.
+fn run_until_killed(data_dir: &Path, next_value: u64, kill_at: KillAt) -> (Vec<(u64, u64)>, u64) {
     let mut child = Command::new(BIN)
         .args(["--data-dir", data_dir.to_str().unwrap(), "record", "--follow"])
         .stdin(Stdio::piped())
@@ -69,6 +79,7 @@ fn run_until_killed(data_dir: &Path, next_value: u64, kill_after: Duration) -> (
             value
         })
     };
+    let (first_ack, first_ack_seen) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut acks = Vec::new();
         for line in BufReader::new(stdout).lines() {
@@ -76,10 +87,19 @@ fn run_until_killed(data_dir: &Path, next_value: u64, kill_after: Duration) -> (
             let ack: serde_json::Value = serde_json::from_str(&line).unwrap();
             let line_number = ack["line"].as_u64().unwrap();
             acks.push((ack["seq"].as_u64().unwrap(), next_value + line_number - 1));
+            if acks.len() == 1 {
+                let _ = first_ack.send(());
+            }
         }
         acks
     });
-    std::thread::sleep(kill_after);
+    match kill_at {
+        KillAt::FromStart(after) => std::thread::sleep(after),
+        KillAt::FromFirstAck(after) => {
+            let _ = first_ack_seen.recv_timeout(Duration::from_secs(20));
+            std::thread::sleep(after);
+        }
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -107,10 +127,16 @@ fn every_acknowledged_event_survives_sigkill() {
     // kill is durable, so later kills only add to it).
     let mut folded: Vec<ChainHash> = Vec::new();
     for kill in 0..kills {
-        // Kill moments between 10 and 150 ms after start: some land while SQLite opens, most
-        // while group commits are in flight.
-        let kill_after = Duration::from_millis(10 + rng.next_u64() % 140);
-        let (acks, sent_up_to) = run_until_killed(&data_dir, next_value, kill_after);
+        // One kill in four between 10 and 150 ms after start (some land while SQLite opens), the
+        // others up to 140 ms after the first ack, while group commits are in flight: timed from
+        // the start alone, a loaded machine made most runs die before their first commit.
+        let after = Duration::from_millis(rng.next_u64() % 140);
+        let kill_at = if rng.next_u64() % 4 == 0 {
+            KillAt::FromStart(after + Duration::from_millis(10))
+        } else {
+            KillAt::FromFirstAck(after)
+        };
+        let (acks, sent_up_to) = run_until_killed(&data_dir, next_value, kill_at);
         next_value = sent_up_to + 1;
         if !acks.is_empty() {
             runs_with_acks += 1;
