@@ -55,7 +55,7 @@ fn segment_seeds(root: &std::path::Path) -> std::io::Result<()> {
             });
         }
         let mut bytes = n_events.to_le_bytes().to_vec();
-        bytes.extend_from_slice(encoder.bytes());
+        bytes.extend_from_slice(encoder.finish());
         std::fs::write(dir.join(format!("seed-{index:03}")), bytes)?;
     }
     println!("wrote 4 seed files under {}", dir.display());

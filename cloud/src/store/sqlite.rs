@@ -310,7 +310,7 @@ impl SqliteStore {
                 to_i64(max_time),
                 meta.gateway.as_str(),
                 to_i64(meta.ingest_time.0),
-                self.segment.bytes(),
+                self.segment.finish(),
             ])?;
             self.next_position = last_position + 1;
             rest = &rest[n..];

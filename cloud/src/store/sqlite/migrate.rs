@@ -101,7 +101,7 @@ fn copy_events(db: &Connection) -> Result<(u64, u64), StoreError> {
     let mut encoder = SegmentEncoder::new();
     let mut run: Option<Run> = None;
     let (mut n_events, mut n_segments) = (0u64, 0u64);
-    let mut flush = |run: &Run, encoder: &SegmentEncoder| -> Result<(), StoreError> {
+    let mut flush = |run: &Run, encoder: &mut SegmentEncoder| -> Result<(), StoreError> {
         let (min_time, max_time) = encoder.time_range();
         insert.execute(params![
             run.first_position,
@@ -113,7 +113,7 @@ fn copy_events(db: &Connection) -> Result<(u64, u64), StoreError> {
             to_i64(max_time),
             run.gateway,
             run.ingest_ms,
-            encoder.bytes(),
+            encoder.finish(),
         ])?;
         n_segments += 1;
         Ok(())
@@ -143,7 +143,7 @@ fn copy_events(db: &Connection) -> Result<(u64, u64), StoreError> {
             .is_some_and(|run| !encoder.is_full() && run.continues(position, device, seq, gateway, ingest_ms));
         if !continues {
             if let Some(done) = run.take() {
-                flush(&done, &encoder)?;
+                flush(&done, &mut encoder)?;
             }
             encoder.clear();
             run = Some(Run {
@@ -164,7 +164,7 @@ fn copy_events(db: &Connection) -> Result<(u64, u64), StoreError> {
         n_events += 1;
     }
     if let Some(done) = run.take() {
-        flush(&done, &encoder)?;
+        flush(&done, &mut encoder)?;
     }
     Ok((n_events, n_segments))
 }

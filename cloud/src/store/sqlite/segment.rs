@@ -5,10 +5,15 @@
 //! position, gateway, ingest time); the blob carries what differs per event, in seq order:
 //!
 //! ```text
-//! segment  = version:u8 (= 1) event*
+//! segment  = version:u8 (= 2) event* crc:u32-le
 //! event    = hlc_wall:zigzag-delta  hlc_logical:varint  event_time:zigzag-delta
 //!            kind:varint  schema_version:varint  body_len:varint  body:[u8; body_len]
 //! ```
+//!
+//! `crc` is CRC-32C (Castagnoli) of every byte before it, version included. SQLite keeps no
+//! checksum of its pages, and a flipped bit inside a value delta or a body would still decode,
+//! as a wrong event; with the checksum it is [`SegmentError::Checksum`]. Version 1 (the same
+//! without `crc`) was written before the checksum and is still read.
 //!
 //! Varints are LEB128 (at most 10 bytes for a u64). `hlc_wall` and `event_time` are deltas from
 //! the previous event's (from 0 for the first), zigzag-coded because event times inside a segment
@@ -19,8 +24,17 @@
 //! version, truncated varint or body, a field out of range, too few or too many events) is a
 //! [`SegmentError`], never a panic.
 
-/// The only segment format this build writes and reads.
+/// The first segment format, without a checksum: read, no longer written.
 pub const SEGMENT_FORMAT_V1: u8 = 1;
+
+/// The segment format this build writes: version 1 with a CRC-32C of the bytes at the end.
+pub const SEGMENT_FORMAT_V2: u8 = 2;
+
+/// The checksum of version 2 segments (CRC-32C, as iSCSI and ext4 use it), slice-by-16: every
+/// read of a segment checks its whole blob (up to 256 KiB), so the table-per-byte version would
+/// show in read rates.
+const CHECKSUM: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
+const CHECKSUM_BYTES: usize = 4;
 
 /// Most events in one segment: a longer run is cut into several segments, so a read that starts
 /// inside a segment never decodes more than this many events to skip to its start.
@@ -77,6 +91,14 @@ pub enum SegmentError {
         /// Where it starts.
         at: usize,
     },
+    /// The bytes are not those the checksum was taken of (a version 2 segment changed on disk).
+    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        /// The checksum at the end of the blob.
+        stored: u32,
+        /// The checksum of the bytes before it.
+        computed: u32,
+    },
     /// The blob holds another number of events than its row says.
     #[error("holds {found} events or more, the row says {expected}")]
     Count {
@@ -91,6 +113,8 @@ pub enum SegmentError {
 #[derive(Debug)]
 pub struct SegmentEncoder {
     out: Vec<u8>,
+    /// Whether `out` ends with the checksum ([`SegmentEncoder::finish`]); a push takes it off.
+    sealed: bool,
     n_events: usize,
     previous_wall: u64,
     previous_time: u64,
@@ -107,8 +131,15 @@ impl Default for SegmentEncoder {
 impl SegmentEncoder {
     /// An encoder holding an empty segment.
     pub fn new() -> Self {
-        let mut encoder =
-            Self { out: Vec::new(), n_events: 0, previous_wall: 0, previous_time: 0, min_time: u64::MAX, max_time: 0 };
+        let mut encoder = Self {
+            out: Vec::new(),
+            sealed: false,
+            n_events: 0,
+            previous_wall: 0,
+            previous_time: 0,
+            min_time: u64::MAX,
+            max_time: 0,
+        };
         encoder.clear();
         encoder
     }
@@ -116,7 +147,8 @@ impl SegmentEncoder {
     /// Empties the segment (keeping the buffer's capacity).
     pub fn clear(&mut self) {
         self.out.clear();
-        self.out.push(SEGMENT_FORMAT_V1);
+        self.out.push(SEGMENT_FORMAT_V2);
+        self.sealed = false;
         self.n_events = 0;
         self.previous_wall = 0;
         self.previous_time = 0;
@@ -126,6 +158,10 @@ impl SegmentEncoder {
 
     /// Appends one event.
     pub fn push(&mut self, event: &RawEvent<'_>) {
+        if self.sealed {
+            self.out.truncate(self.out.len() - CHECKSUM_BYTES);
+            self.sealed = false;
+        }
         put_varint(&mut self.out, zigzag(event.hlc_wall_ms.wrapping_sub(self.previous_wall)));
         put_varint(&mut self.out, u64::from(event.hlc_logical));
         put_varint(&mut self.out, zigzag(event.event_time_ms.wrapping_sub(self.previous_time)));
@@ -176,8 +212,13 @@ impl SegmentEncoder {
         (self.min_time, self.max_time)
     }
 
-    /// The encoded segment.
-    pub fn bytes(&self) -> &[u8] {
+    /// The encoded segment, its checksum appended (a later push takes it off again).
+    pub fn finish(&mut self) -> &[u8] {
+        if !self.sealed {
+            let checksum = CHECKSUM.checksum(&self.out);
+            self.out.extend_from_slice(&checksum.to_le_bytes());
+            self.sealed = true;
+        }
         &self.out
     }
 }
@@ -212,12 +253,28 @@ pub struct SegmentReader<'a> {
 }
 
 impl<'a> SegmentReader<'a> {
-    /// A reader of `bytes`, which must hold exactly `n_events` events.
+    /// A reader of `bytes`, which must hold exactly `n_events` events. A version 2 segment's
+    /// checksum is checked here, before any event is read.
     pub fn new(bytes: &'a [u8], n_events: u64) -> Result<Self, SegmentError> {
         let (&version, _) = bytes.split_first().ok_or(SegmentError::Empty)?;
-        if version != SEGMENT_FORMAT_V1 {
-            return Err(SegmentError::UnknownVersion(version));
-        }
+        let bytes = match version {
+            SEGMENT_FORMAT_V1 => bytes,
+            SEGMENT_FORMAT_V2 => {
+                let (content, stored) = bytes
+                    .len()
+                    .checked_sub(CHECKSUM_BYTES)
+                    .filter(|&end| end >= 1)
+                    .and_then(|end| Some((bytes.get(..end)?, bytes.get(end..)?.try_into().ok()?)))
+                    .ok_or(SegmentError::Truncated { at: bytes.len() })?;
+                let stored = u32::from_le_bytes(stored);
+                let computed = CHECKSUM.checksum(content);
+                if stored != computed {
+                    return Err(SegmentError::Checksum { stored, computed });
+                }
+                content
+            }
+            other => return Err(SegmentError::UnknownVersion(other)),
+        };
         Ok(Self { bytes, at: 1, expected: n_events, n_read: 0, previous_wall: 0, previous_time: 0, failed: false })
     }
 
@@ -349,9 +406,10 @@ mod tests {
     proptest! {
         #[test]
         fn round_trips(events in proptest::collection::vec(owned(), 0..50)) {
-            let encoder = encode(&events);
+            let mut encoder = encode(&events);
             prop_assert_eq!(encoder.len(), events.len());
-            let decoded = decode(encoder.bytes(), events.len() as u64).unwrap();
+            let bytes = encoder.finish().to_vec();
+            let decoded = decode(&bytes, events.len() as u64).unwrap();
             let expected: Vec<RawEvent<'_>> = events.iter().map(raw).collect();
             prop_assert_eq!(&decoded, &expected);
             let min = events.iter().map(|e| e.time).min().unwrap_or(u64::MAX);
@@ -361,11 +419,43 @@ mod tests {
 
         #[test]
         fn every_truncation_is_an_error(events in proptest::collection::vec(owned(), 1..8)) {
-            let encoder = encode(&events);
-            let bytes = encoder.bytes();
+            let mut encoder = encode(&events);
+            let bytes = encoder.finish().to_vec();
             for len in 0..bytes.len() {
                 prop_assert!(decode(&bytes[..len], events.len() as u64).is_err(), "cut at {}", len);
             }
+        }
+
+        #[test]
+        fn every_bit_flip_is_an_error(events in proptest::collection::vec(owned(), 1..6)) {
+            let bytes = encode(&events).finish().to_vec();
+            for bit in 8..bytes.len() * 8 {
+                let mut flipped = bytes.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                prop_assert!(decode(&flipped, events.len() as u64).is_err(), "flip of bit {}", bit);
+            }
+        }
+
+        #[test]
+        fn version_1_segments_still_read(events in proptest::collection::vec(owned(), 0..20)) {
+            // Version 1 is version 2 without the checksum.
+            let v2 = encode(&events).finish().to_vec();
+            let mut v1 = v2[..v2.len() - CHECKSUM_BYTES].to_vec();
+            v1[0] = SEGMENT_FORMAT_V1;
+            let decoded = decode(&v1, events.len() as u64).unwrap();
+            let expected: Vec<RawEvent<'_>> = events.iter().map(raw).collect();
+            prop_assert_eq!(decoded, expected);
+        }
+
+        #[test]
+        fn pushing_after_finish_reseals(events in proptest::collection::vec(owned(), 2..10)) {
+            let (first, rest) = events.split_at(1);
+            let mut encoder = encode(first);
+            let _ = encoder.finish();
+            for event in rest {
+                encoder.push(&raw(event));
+            }
+            prop_assert_eq!(encoder.finish().to_vec(), encode(&events).finish().to_vec());
         }
 
         #[test]
@@ -379,12 +469,12 @@ mod tests {
 
         #[test]
         fn a_wrong_count_is_an_error(events in proptest::collection::vec(owned(), 0..8), delta in 1u64..3) {
-            let encoder = encode(&events);
+            let mut encoder = encode(&events);
             let n = events.len() as u64;
-            let more = decode(encoder.bytes(), n + delta).unwrap_err();
+            let more = decode(encoder.finish(), n + delta).unwrap_err();
             prop_assert!(matches!(more, SegmentError::Count { .. }), "{:?}", more);
             if n >= delta {
-                let fewer = decode(encoder.bytes(), n - delta).unwrap_err();
+                let fewer = decode(encoder.finish(), n - delta).unwrap_err();
                 prop_assert!(matches!(fewer, SegmentError::Count { .. }), "{:?}", fewer);
             }
         }
@@ -393,8 +483,17 @@ mod tests {
     #[test]
     fn malformed_headers_and_fields_are_typed_errors() {
         assert_eq!(decode(&[], 0).unwrap_err(), SegmentError::Empty);
-        assert_eq!(decode(&[2], 0).unwrap_err(), SegmentError::UnknownVersion(2));
+        assert_eq!(decode(&[3], 0).unwrap_err(), SegmentError::UnknownVersion(3));
         assert!(decode(&[SEGMENT_FORMAT_V1], 0).unwrap().is_empty());
+        // Version 2: the checksum must be there and match.
+        let empty = SegmentEncoder::new().finish().to_vec();
+        assert_eq!(empty.len(), 1 + CHECKSUM_BYTES);
+        assert!(decode(&empty, 0).unwrap().is_empty());
+        assert_eq!(decode(&[SEGMENT_FORMAT_V2], 0).unwrap_err(), SegmentError::Truncated { at: 1 });
+        assert_eq!(decode(&empty[..4], 0).unwrap_err(), SegmentError::Truncated { at: 4 });
+        let mut wrong = empty.clone();
+        wrong[1] ^= 1;
+        assert!(matches!(decode(&wrong, 0).unwrap_err(), SegmentError::Checksum { .. }));
         // Eleven continuation bytes: no u64 varint is that long.
         let mut long = vec![SEGMENT_FORMAT_V1];
         long.extend([0xff; 11]);
@@ -424,9 +523,10 @@ mod tests {
             Owned { wall: 0, logical: 0, time: 1_000, kind: u16::MAX, schema: u16::MAX, body: vec![] },
             Owned { wall: 7, logical: 1, time: u64::MAX, kind: 3, schema: 1, body: vec![9; 300] },
         ];
-        let encoder = encode(&events);
+        let mut encoder = encode(&events);
         assert_eq!(encoder.time_range(), (1_000, u64::MAX));
-        let decoded = decode(encoder.bytes(), 3).unwrap();
+        let bytes = encoder.finish().to_vec();
+        let decoded = decode(&bytes, 3).unwrap();
         assert_eq!(decoded, events.iter().map(raw).collect::<Vec<_>>());
     }
 
