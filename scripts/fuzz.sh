@@ -25,7 +25,7 @@ mkdir -p "$log_dir"
 # crate directory -> its targets, one target per decoder family.
 declare -A crate_targets=(
   [core/fuzz]="frame_decoder event_batch firmware_link ledger_records shadow_sync"
-  [cloud/fuzz]="http_bodies"
+  [cloud/fuzz]="http_bodies sqlite_segment"
 )
 crate_order=(core/fuzz cloud/fuzz)
 
