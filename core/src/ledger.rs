@@ -273,6 +273,80 @@ impl MemLedger {
     pub fn clock(&self) -> HlcClock {
         self.clock
     }
+
+    /// [`Ledger::append`] of a batch the caller gives away: the new events move into the
+    /// ledger instead of being cloned (a simulated disk replaying its unsynced writes).
+    pub fn append_owned(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
+        self.append_with(batch, EventBatch::into_after)
+    }
+
+    /// The append of [`Ledger::append`], with the part past the ledger's high taken out of the
+    /// batch by `fresh` (cloned from a borrowed batch, moved out of an owned one).
+    fn append_with<B: core::borrow::Borrow<EventBatch>>(
+        &mut self,
+        batch: B,
+        fresh: impl FnOnce(B, Seq) -> Option<EventBatch>,
+    ) -> Result<Appended, LedgerError> {
+        let borrowed = batch.borrow();
+        borrowed.validate()?;
+        let (device, last_seq) = (borrowed.device, borrowed.last_seq());
+        let last_hlc = borrowed.events.last().map(|event| event.hlc);
+        let stream = self.streams.entry(device).or_default();
+        if borrowed.from > stream.high.next() {
+            return Err(LedgerError::Hole { device, high: stream.high, from: borrowed.from });
+        }
+        let mut n_new = 0;
+        // Late events for declared holes fill them.
+        for event in borrowed.events.iter().filter(|event| event.id.seq <= stream.high) {
+            let seq = event.id.seq;
+            let hole = stream.holes.range(..=seq).next_back().map(|(first, last)| (*first, *last));
+            if let Some((first, last)) = hole.filter(|(_, last)| seq <= *last) {
+                stream.holes.remove(&first);
+                if first < seq {
+                    stream.holes.insert(first, Seq(seq.0 - 1));
+                }
+                if seq < last {
+                    stream.holes.insert(seq.next(), last);
+                }
+                if seq > stream.committed || !self.prune_on_commit {
+                    stream.events.insert(seq, event.clone());
+                    n_new += 1;
+                }
+            }
+        }
+        if let Some(fresh) = fresh(batch, stream.high) {
+            // The chain continues our own head; after a hole only the sender's proof knows it.
+            let mut chain = match (fresh.dropped(), &fresh.proof) {
+                (Some(_), proof) => proof.as_ref().map(|proof| proof.prev),
+                (None, _) if stream.high == Seq::ZERO => Some(ChainHash::genesis(&device)),
+                (None, _) => stream.head,
+            };
+            if let Some((first, last)) = fresh.dropped() {
+                stream.holes.insert(first, last);
+            }
+            if let Some(proof) = &fresh.proof {
+                stream.seals.extend(proof.seals.iter().map(|seal| (seal.seq, *seal)));
+                if let Some(hole) = proof.hole {
+                    stream.hole_proofs.insert(hole.last, hole);
+                }
+            }
+            let mut scratch = Vec::new();
+            for event in fresh.events {
+                chain = chain.map(|chain| chain.next_with(&event, &mut scratch));
+                if let Some(chain) = chain {
+                    stream.chains.insert(event.id.seq, chain);
+                }
+                stream.events.insert(event.id.seq, event);
+                n_new += 1;
+            }
+            stream.head = chain;
+            stream.high = last_seq;
+        }
+        if let Some(last_hlc) = last_hlc {
+            self.clock.observe(Millis(0), last_hlc);
+        }
+        Ok(Appended { high: stream.high, n_new })
+    }
 }
 
 impl Ledger for MemLedger {
@@ -321,62 +395,7 @@ impl Ledger for MemLedger {
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
-        batch.validate()?;
-        let stream = self.streams.entry(batch.device).or_default();
-        if batch.from > stream.high.next() {
-            return Err(LedgerError::Hole { device: batch.device, high: stream.high, from: batch.from });
-        }
-        let mut n_new = 0;
-        // Late events for declared holes fill them.
-        for event in batch.events.iter().filter(|event| event.id.seq <= stream.high) {
-            let seq = event.id.seq;
-            let hole = stream.holes.range(..=seq).next_back().map(|(first, last)| (*first, *last));
-            if let Some((first, last)) = hole.filter(|(_, last)| seq <= *last) {
-                stream.holes.remove(&first);
-                if first < seq {
-                    stream.holes.insert(first, Seq(seq.0 - 1));
-                }
-                if seq < last {
-                    stream.holes.insert(seq.next(), last);
-                }
-                if seq > stream.committed || !self.prune_on_commit {
-                    stream.events.insert(seq, event.clone());
-                    n_new += 1;
-                }
-            }
-        }
-        if let Some(fresh) = batch.after(stream.high) {
-            // The chain continues our own head; after a hole only the sender's proof knows it.
-            let mut chain = match (fresh.dropped(), &fresh.proof) {
-                (Some(_), proof) => proof.as_ref().map(|proof| proof.prev),
-                (None, _) if stream.high == Seq::ZERO => Some(ChainHash::genesis(&batch.device)),
-                (None, _) => stream.head,
-            };
-            if let Some((first, last)) = fresh.dropped() {
-                stream.holes.insert(first, last);
-            }
-            if let Some(proof) = &fresh.proof {
-                stream.seals.extend(proof.seals.iter().map(|seal| (seal.seq, *seal)));
-                if let Some(hole) = proof.hole {
-                    stream.hole_proofs.insert(hole.last, hole);
-                }
-            }
-            let mut scratch = Vec::new();
-            for event in fresh.events {
-                chain = chain.map(|chain| chain.next_with(&event, &mut scratch));
-                if let Some(chain) = chain {
-                    stream.chains.insert(event.id.seq, chain);
-                }
-                stream.events.insert(event.id.seq, event);
-                n_new += 1;
-            }
-            stream.head = chain;
-            stream.high = batch.last_seq();
-        }
-        if let Some(last) = batch.events.last() {
-            self.clock.observe(Millis(0), last.hlc);
-        }
-        Ok(Appended { high: stream.high, n_new })
+        self.append_with(batch, |batch, high| batch.after(high))
     }
 
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {
