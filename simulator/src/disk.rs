@@ -77,10 +77,11 @@ impl SimDisk {
         self.n_syncs
     }
 
-    /// Appends a received batch (unsynced).
-    pub fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
-        let appended = self.live.append(batch)?;
-        self.unsynced.push(DiskOp::Append(batch.clone()));
+    /// Appends a received batch (unsynced). Takes the batch, so that the unsynced write keeps
+    /// it without a copy and the sync moves its events into the durable store.
+    pub fn append(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
+        let appended = self.live.append(&batch)?;
+        self.unsynced.push(DiskOp::Append(batch));
         Ok(appended)
     }
 
@@ -128,7 +129,7 @@ impl SimDisk {
             // a failure would mean the two stores diverged, which is a simulator bug.
             match op {
                 DiskOp::Append(batch) => {
-                    let replayed = self.durable.append(&batch);
+                    let replayed = self.durable.ledger.append_owned(batch);
                     assert!(replayed.is_ok(), "durable replay of an append failed: {replayed:?}");
                 }
                 DiskOp::Record { device, wall, event_time, payload } => {

@@ -810,11 +810,14 @@ impl World {
         let duplicable = !matches!(frame, Frame::ShadowSync(_)) || self.options.duplicate_shadow_sync;
         let copies = if duplicable && dice::chance(&mut self.rng, self.drawn.duplicate_percent) { 2 } else { 1 };
         self.stats.n_frames_duplicated += copies - 1;
+        let mut bytes = Some(bytes);
         for copy in 0..copies {
             let delay_ms = self.drawn.latency_ms + dice::range(&mut self.rng, 0, self.drawn.jitter_ms);
             let at = self.now.plus_ms(delay_ms).max(state.stall_until);
             self.digest.u64(at.0 ^ copy);
-            self.schedule(at, Action::Deliver { to, conn, bytes: bytes.clone() });
+            // The last copy takes the bytes; only a duplicate needs its own.
+            let copy_bytes = if copy + 1 == copies { bytes.take() } else { bytes.clone() };
+            self.schedule(at, Action::Deliver { to, conn, bytes: copy_bytes.unwrap_or_default() });
         }
     }
 
@@ -1183,24 +1186,27 @@ impl World {
                     let committed = node.disk.live().ledger.committed(&device_id);
                     session.session.handle_committed(now, device_id, committed);
                 }
-                SessionEvent::EventsReceived(batch) => match node.disk.append(&batch) {
-                    Ok(appended) => {
-                        if ack_before_fsync {
-                            session.session.handle_durable(now, batch.device, appended.high);
-                        } else {
-                            node.pending_acks.push((endpoint, conn, batch.device, appended.high));
+                SessionEvent::EventsReceived(batch) => {
+                    let batch_device = batch.device;
+                    match node.disk.append(batch) {
+                        Ok(appended) => {
+                            if ack_before_fsync {
+                                session.session.handle_durable(now, batch_device, appended.high);
+                            } else {
+                                node.pending_acks.push((endpoint, conn, batch_device, appended.high));
+                            }
+                            if let Some(uplink) = node.uplink.as_mut() {
+                                uplink.session.handle_appended(batch_device);
+                                uplink_work = true;
+                            }
                         }
-                        if let Some(uplink) = node.uplink.as_mut() {
-                            uplink.session.handle_appended(batch.device);
-                            uplink_work = true;
+                        Err(error) => {
+                            self.anomalies
+                                .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
+                            session.session.handle_refused(now, batch_device, BackpressureReason::StoreFull, 1_000);
                         }
                     }
-                    Err(error) => {
-                        self.anomalies
-                            .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
-                        session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
-                    }
-                },
+                }
                 SessionEvent::ShadowChanged { device: id } => {
                     node.disk.touch_shadow(id);
                     if let Some(uplink) = node.uplink.as_mut() {
@@ -1347,18 +1353,19 @@ impl World {
                     self.stats.n_duplicates_at_cloud += n_held as u64;
                     let fresh: Vec<EventId> =
                         batch.events.iter().map(|event| event.id).filter(|id| bugs.skip_dedupe || !held(id)).collect();
-                    match node.disk.append(&batch) {
+                    let batch_device = batch.device;
+                    match node.disk.append(batch) {
                         Ok(appended) => {
                             node.log_unsynced.extend(fresh);
                             if bugs.ack_before_fsync {
-                                session.session.handle_durable(now, batch.device, appended.high);
+                                session.session.handle_durable(now, batch_device, appended.high);
                             } else {
-                                node.pending_acks.push((endpoint, conn, batch.device, appended.high));
+                                node.pending_acks.push((endpoint, conn, batch_device, appended.high));
                             }
                         }
                         Err(error) => {
                             self.anomalies.push(format!("cloud refused a batch its session accepted: {error}"));
-                            session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
+                            session.session.handle_refused(now, batch_device, BackpressureReason::StoreFull, 1_000);
                         }
                     }
                 }
