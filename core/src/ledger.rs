@@ -146,10 +146,22 @@ impl Stream {
             self.anchors.insert(up_to, chain);
         }
         // Anchors below the commit watermark would only start wider holes than the one at it.
-        self.anchors = self.anchors.split_off(&up_to.min(self.committed));
-        self.chains = self.chains.split_off(&up_to.next());
-        self.seals = self.seals.split_off(&up_to.next());
-        self.hole_proofs = self.hole_proofs.split_off(&up_to.next());
+        remove_below(&mut self.anchors, up_to.min(self.committed));
+        remove_below(&mut self.chains, up_to.next());
+        remove_below(&mut self.seals, up_to.next());
+        remove_below(&mut self.hole_proofs, up_to.next());
+    }
+}
+
+/// Removes the entries below `bound`. The same as `*map = map.split_off(&bound)`, but pruning
+/// takes the few oldest entries of a map at a time, and popping them allocates nothing where
+/// `split_off` builds a new tree for what stays.
+fn remove_below<V>(map: &mut BTreeMap<Seq, V>, bound: Seq) {
+    while let Some(entry) = map.first_entry() {
+        if *entry.key() >= bound {
+            break;
+        }
+        entry.remove();
     }
 }
 
@@ -410,7 +422,7 @@ impl Ledger for MemLedger {
             stream.head = None;
         }
         if self.prune_on_commit {
-            stream.events = stream.events.split_off(&up_to.next());
+            remove_below(&mut stream.events, up_to.next());
             stream.holes.retain(|first, _| *first > up_to);
             stream.forget_chains_through(up_to, &device);
         }
