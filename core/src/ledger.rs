@@ -9,6 +9,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::auth::{BatchProof, ChainHash, HoleProof, Seal};
@@ -99,7 +100,9 @@ pub trait Ledger {
 /// One device's stream in a [`MemLedger`].
 #[derive(Clone, Debug, Default)]
 struct Stream {
-    events: BTreeMap<Seq, Event>,
+    /// Shared, so that a copy of the ledger (a simulated disk's live and durable stores) can
+    /// hold one allocation per event instead of two (see [`MemLedger::append_sharing`]).
+    events: BTreeMap<Seq, Arc<Event>>,
     /// Highest seq covered contiguously (held, pruned or declared dropped).
     high: Seq,
     /// Highest seq known to be committed in the cloud store.
@@ -204,7 +207,7 @@ impl MemLedger {
         if let Some(chain) = stream.head {
             stream.chains.insert(seq, chain);
         }
-        stream.events.insert(seq, event);
+        stream.events.insert(seq, Arc::new(event));
         stream.high = seq;
         Ok(id)
     }
@@ -224,7 +227,8 @@ impl MemLedger {
         for seq in &doomed {
             // A gap event dropped now takes its explanation with it: the new gap covers the
             // seqs it named too, so every hole stays explained by a gap event that survives.
-            if let Some(Event { payload: Payload::Gap(dropped), .. }) = stream.events.remove(seq) {
+            let removed = stream.events.remove(seq);
+            if let Some(Payload::Gap(dropped)) = removed.as_deref().map(|event| &event.payload) {
                 first = first.min(dropped.first);
             }
         }
@@ -243,12 +247,12 @@ impl MemLedger {
 
     /// The events held for `device`, in seq order.
     pub fn events(&self, device: &DeviceId) -> impl Iterator<Item = &Event> + '_ {
-        self.streams.get(device).into_iter().flat_map(|stream| stream.events.values())
+        self.streams.get(device).into_iter().flat_map(|stream| stream.events.values().map(|event| &**event))
     }
 
     /// The event with id `id`, if held.
     pub fn get(&self, id: &EventId) -> Option<&Event> {
-        self.streams.get(&id.device)?.events.get(&id.seq)
+        self.streams.get(&id.device)?.events.get(&id.seq).map(|event| &**event)
     }
 
     /// Number of events held, over all devices.
@@ -289,7 +293,18 @@ impl MemLedger {
     /// [`Ledger::append`] of a batch the caller gives away: the new events move into the
     /// ledger instead of being cloned (a simulated disk replaying its unsynced writes).
     pub fn append_owned(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
-        self.append_with(batch, EventBatch::into_after)
+        self.append_with(batch, EventBatch::into_after, |_| None)
+    }
+
+    /// [`MemLedger::append_owned`] that takes each new event from `source` where `source` holds
+    /// an equal one, sharing its allocation: a simulated disk replays onto its durable store what
+    /// its live store already holds, and the two then keep one copy of each event, not two.
+    pub fn append_sharing(&mut self, batch: EventBatch, source: &MemLedger) -> Result<Appended, LedgerError> {
+        let shared = |event: &Event| {
+            let held = source.streams.get(&event.id.device)?.events.get(&event.id.seq)?;
+            (**held == *event).then(|| Arc::clone(held))
+        };
+        self.append_with(batch, EventBatch::into_after, shared)
     }
 
     /// The append of [`Ledger::append`], with the part past the ledger's high taken out of the
@@ -298,6 +313,7 @@ impl MemLedger {
         &mut self,
         batch: B,
         fresh: impl FnOnce(B, Seq) -> Option<EventBatch>,
+        shared: impl Fn(&Event) -> Option<Arc<Event>>,
     ) -> Result<Appended, LedgerError> {
         let borrowed = batch.borrow();
         borrowed.validate()?;
@@ -321,7 +337,7 @@ impl MemLedger {
                     stream.holes.insert(seq.next(), last);
                 }
                 if seq > stream.committed || !self.prune_on_commit {
-                    stream.events.insert(seq, event.clone());
+                    stream.events.insert(seq, shared(event).unwrap_or_else(|| Arc::new(event.clone())));
                     n_new += 1;
                 }
             }
@@ -348,6 +364,7 @@ impl MemLedger {
                 if let Some(chain) = chain {
                     stream.chains.insert(event.id.seq, chain);
                 }
+                let event = shared(&event).unwrap_or_else(|| Arc::new(event));
                 stream.events.insert(event.id.seq, event);
                 n_new += 1;
             }
@@ -385,7 +402,7 @@ impl Ledger for MemLedger {
                     break;
                 }
             }
-            events.push(event.clone());
+            events.push(Event::clone(event));
         }
         if events.is_empty() {
             return Ok(None);
@@ -407,7 +424,7 @@ impl Ledger for MemLedger {
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
-        self.append_with(batch, |batch, high| batch.after(high))
+        self.append_with(batch, |batch, high| batch.after(high), |_| None)
     }
 
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {

@@ -78,7 +78,7 @@ impl SimDisk {
     }
 
     /// Appends a received batch (unsynced). Takes the batch, so that the unsynced write keeps
-    /// it without a copy and the sync moves its events into the durable store.
+    /// it without a copy; the sync shares the live store's events or moves the batch's.
     pub fn append(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
         let appended = self.live.append(&batch)?;
         self.unsynced.push(DiskOp::Append(batch));
@@ -130,7 +130,9 @@ impl SimDisk {
             // a failure would mean the two stores diverged, which is a simulator bug.
             match op {
                 DiskOp::Append(batch) => {
-                    let replayed = self.durable.ledger.append_owned(batch);
+                    // Events the live store still holds unchanged are shared, not copied: the
+                    // cloud keeps every event, and two copies of each were most of its memory.
+                    let replayed = self.durable.ledger.append_sharing(batch, &self.live.ledger);
                     assert!(replayed.is_ok(), "durable replay of an append failed: {replayed:?}");
                 }
                 DiskOp::Record { device, wall, event_time, payload } => {
