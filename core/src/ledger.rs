@@ -477,6 +477,28 @@ mod tests {
     }
 
     #[test]
+    fn append_sharing_takes_equal_events_from_the_source_and_the_batch_otherwise() {
+        let device = DeviceId::new("d").unwrap();
+        let mut sender = MemLedger::new();
+        let mut other = MemLedger::new();
+        for i in 0..3 {
+            sender.record(device, Millis(i), Millis(i), reading(i as f64)).unwrap();
+            // The other ledger's seq 3 differs from the sender's.
+            other.record(device, Millis(i), Millis(i), reading(if i == 2 { 9.0 } else { i as f64 })).unwrap();
+        }
+        let batch = sender.read(&device, Seq(1), 10).unwrap().unwrap();
+        let mut shared = MemLedger::new();
+        let mut owned = MemLedger::new();
+        assert_eq!(shared.append_sharing(batch.clone(), &other).unwrap(), owned.append_owned(batch.clone()).unwrap());
+        assert!(shared.events(&device).eq(batch.events.iter()), "the batch's events, whatever the source holds");
+        assert!(owned.events(&device).eq(batch.events.iter()));
+        assert_eq!(shared.chain_head(&device), owned.chain_head(&device));
+        let held = |ledger: &MemLedger, seq| Arc::clone(&ledger.streams[&device].events[&Seq(seq)]);
+        assert!(Arc::ptr_eq(&held(&shared, 1), &held(&other, 1)), "an equal event is shared");
+        assert!(!Arc::ptr_eq(&held(&shared, 3), &held(&other, 3)), "a different one is not");
+    }
+
+    #[test]
     fn dropping_a_gap_event_widens_the_next_gap_so_every_hole_stays_explained() {
         let device = DeviceId::new("d").unwrap();
         let mut ledger = MemLedger::pruning();
