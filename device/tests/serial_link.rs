@@ -152,19 +152,37 @@ fn readings_in_ledger(agent: &Agent) -> Result<Vec<f64>> {
         .collect())
 }
 
+/// A fresh device ledger and agent, a pty whose slave end the ingest reads, and the firmware on
+/// its master end.
+struct Bench {
+    _dir: tempfile::TempDir,
+    agent: Agent,
+    slave: OwnedFd,
+    path: PathBuf,
+    firmware: Firmware,
+}
+
+impl Bench {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store =
+            DeviceStore::create(&dir.path().join("ledger.db"), DeviceId::new("dev-1")?, LedgerConfig::default())?;
+        let agent = Agent::start(store)?;
+        let pty = openpty(None, None)?;
+        // Raw before any byte flows: a cooked line discipline would echo and translate frames.
+        set_raw(&pty.slave)?;
+        let path = slave_path(&pty.slave)?;
+        let log = Log::open(Flash::new()).context("open log")?;
+        let link = Link::new(log.acked(), 0, 64, RESEND_AFTER_MS);
+        let firmware =
+            Firmware { log, link, port: Port { master: File::from(pty.master) }, start: Instant::now(), readings: 0 };
+        Ok(Self { _dir: dir, agent, slave: pty.slave, path, firmware })
+    }
+}
+
 #[test]
 fn serial_ingest_is_exactly_once_across_lost_acks_and_restarts() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store = DeviceStore::create(&dir.path().join("ledger.db"), DeviceId::new("dev-1")?, LedgerConfig::default())?;
-    let agent = Agent::start(store)?;
-    let pty = openpty(None, None)?;
-    // Raw before any byte flows: a cooked line discipline would echo and translate frames.
-    set_raw(&pty.slave)?;
-    let path = slave_path(&pty.slave)?;
-    let log = Log::open(Flash::new()).context("open log")?;
-    let link = Link::new(log.acked(), 0, 64, RESEND_AFTER_MS);
-    let mut firmware =
-        Firmware { log, link, port: Port { master: File::from(pty.master) }, start: Instant::now(), readings: 0 };
+    let Bench { _dir, agent, slave, path, mut firmware } = Bench::new()?;
 
     // 1. Twenty readings, with line noise first: all recorded and acknowledged.
     firmware.sample(20)?;
@@ -202,22 +220,13 @@ fn serial_ingest_is_exactly_once_across_lost_acks_and_restarts() -> Result<()> {
     let log = Log::open(firmware.log.into_flash()).context("reopen log")?;
     assert_eq!(log.acked(), Seq(35));
     agent.close()?;
-    drop(pty.slave);
+    drop(slave);
     Ok(())
 }
 
 #[test]
 fn an_intact_record_the_ledger_refuses_is_kept_as_a_log_line_and_the_port_goes_on() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store = DeviceStore::create(&dir.path().join("ledger.db"), DeviceId::new("dev-1")?, LedgerConfig::default())?;
-    let agent = Agent::start(store)?;
-    let pty = openpty(None, None)?;
-    set_raw(&pty.slave)?;
-    let path = slave_path(&pty.slave)?;
-    let log = Log::open(Flash::new()).context("open log")?;
-    let link = Link::new(log.acked(), 0, 64, RESEND_AFTER_MS);
-    let mut firmware =
-        Firmware { log, link, port: Port { master: File::from(pty.master) }, start: Instant::now(), readings: 0 };
+    let Bench { _dir, agent, slave, path, mut firmware } = Bench::new()?;
     // Three good readings, a NaN (a sensor fault: valid CRC, refused by the ledger), two more.
     firmware.sample(3)?;
     let nan = ReadingRecord {
@@ -245,6 +254,6 @@ fn an_intact_record_the_ledger_refuses_is_kept_as_a_log_line_and_the_port_goes_o
     assert_eq!(events[3].event_time, Millis(1_700_000_000_004));
     assert_eq!(readings_in_ledger(&agent)?, [0.25, 0.5, 0.75, 1.25, 1.5]);
     agent.close()?;
-    drop(pty.slave);
+    drop(slave);
     Ok(())
 }
