@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidesync_cloud::store::sqlite::segment::{decode, SegmentEncoder};
+use tidesync_cloud::store::sqlite::segment::{decode, SegmentEncoder, SEGMENT_FORMAT_V1};
 
 fuzz_target!(|data: &[u8]| {
     let Some((count, blob)) = data.split_first_chunk::<2>() else { return };
@@ -24,6 +24,6 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(decode(encoded, n_events).as_deref(), Ok(&events[..]));
     // Minimal varints: the re-encoding is never longer than the input (plus the checksum that
     // a version 1 input lacks).
-    let checksum_bytes = if blob.first() == Some(&1) { 4 } else { 0 };
+    let checksum_bytes = if blob.first() == Some(&SEGMENT_FORMAT_V1) { 4 } else { 0 };
     assert!(encoded.len() <= blob.len() + checksum_bytes);
 });

@@ -89,12 +89,19 @@ CREATE INDEX IF NOT EXISTS security_events_by_batch ON security_events (device, 
 const EVENT_COLUMNS: &str =
     "position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms";
 
-/// Inserts the held-back rows of [`Pending`], given as column arrays (gateway and ingest time per
-/// row: a group commit mixes batches of several gateways).
-const INSERT_PENDING: &str = "INSERT INTO events
+/// Inserts rows given as column arrays ([`EventColumns`]: gateway and ingest time per row, as a
+/// group commit mixes batches of several gateways), one statement whatever their number.
+const INSERT_ROWS: &str = "INSERT INTO events
     (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
     SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
                          $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[], $11::BIGINT[])";
+
+/// [`INSERT_ROWS`], skipping rows whose id is stored already.
+const INSERT_ROWS_SKIPPING_DUPLICATES: &str = "INSERT INTO events
+    (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
+    SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
+                         $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[], $11::BIGINT[])
+    ON CONFLICT (device, seq) DO NOTHING";
 
 const UPSERT_STREAMS: &str = "INSERT INTO streams (device, high, holes)
     SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[])
@@ -112,6 +119,20 @@ const UPSERT_CHAIN_HEADS: &str = "INSERT INTO chain_heads (device, high, chain)
 /// last one wins, so a device appears once per statement, as `ON CONFLICT DO UPDATE` requires).
 #[derive(Default)]
 struct Pending {
+    events: EventColumns,
+    streams: BTreeMap<DeviceId, (i64, String)>,
+    chain_heads: BTreeMap<DeviceId, (i64, Vec<u8>)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.events.positions.is_empty() && self.streams.is_empty() && self.chain_heads.is_empty()
+    }
+}
+
+/// Event rows as the column arrays that [`INSERT_ROWS`] takes.
+#[derive(Default)]
+struct EventColumns {
     positions: Vec<i64>,
     devices: Vec<DeviceId>,
     seqs: Vec<i64>,
@@ -123,24 +144,24 @@ struct Pending {
     bodies: Vec<Vec<u8>>,
     gateways: Vec<GatewayId>,
     ingest_ms: Vec<i64>,
-    streams: BTreeMap<DeviceId, (i64, String)>,
-    chain_heads: BTreeMap<DeviceId, (i64, Vec<u8>)>,
 }
 
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.positions.is_empty() && self.streams.is_empty() && self.chain_heads.is_empty()
+impl EventColumns {
+    fn push(&mut self, position: u64, event: &Event, meta: &IngestMeta) {
+        let (body, kind, schema_version) = encode_event(event);
+        self.positions.push(to_i64(position));
+        self.devices.push(event.id.device);
+        self.seqs.push(to_i64(event.id.seq.0));
+        self.hlc_walls.push(to_i64(event.hlc.wall_ms));
+        self.hlc_logicals.push(i64::from(event.hlc.logical));
+        self.event_times.push(to_i64(event.event_time.0));
+        self.kinds.push(kind);
+        self.versions.push(schema_version);
+        self.bodies.push(body);
+        self.gateways.push(meta.gateway);
+        self.ingest_ms.push(to_i64(meta.ingest_time.0));
     }
 }
-
-/// Inserts a batch of events given as column arrays, skipping rows whose id is stored already; one
-/// statement and one round trip per batch; `$10` and `$11` (gateway, ingest time) are shared by
-/// every row.
-const INSERT_SKIPPING_DUPLICATES: &str = "INSERT INTO events
-    (position, device, seq, hlc_wall_ms, hlc_logical, event_time_ms, kind, schema_version, body, gateway, ingest_ms)
-    SELECT *, $10::TEXT, $11::BIGINT FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[],
-                                                 $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[])
-    ON CONFLICT (device, seq) DO NOTHING";
 
 /// A connection to a PostgreSQL cloud store.
 pub struct PostgresStore {
@@ -230,7 +251,8 @@ impl PostgresStore {
         })
     }
 
-    /// Inserts `events` with one [`INSERT_SKIPPING_DUPLICATES`] statement at the next positions.
+    /// Inserts `events` with one [`INSERT_ROWS_SKIPPING_DUPLICATES`] statement at the next
+    /// positions.
     fn insert_skipping_duplicates(
         &mut self,
         events: &[Event],
@@ -247,45 +269,12 @@ impl PostgresStore {
         // The held-back rows go first, so that the conflict check sees them.
         self.flush()?;
         let n = events.len();
-        let mut positions = Vec::with_capacity(n);
-        let mut devices = Vec::with_capacity(n);
-        let mut seqs = Vec::with_capacity(n);
-        let mut hlc_walls = Vec::with_capacity(n);
-        let mut hlc_logicals = Vec::with_capacity(n);
-        let mut event_times = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut bodies = Vec::with_capacity(n);
+        let mut columns = EventColumns::default();
         for (index, event) in events.iter().enumerate() {
-            let (body, kind, schema_version) = encode_event(event);
-            positions.push(to_i64(self.next_position + index as u64));
-            devices.push(event.id.device.as_str());
-            seqs.push(to_i64(event.id.seq.0));
-            hlc_walls.push(to_i64(event.hlc.wall_ms));
-            hlc_logicals.push(i64::from(event.hlc.logical));
-            event_times.push(to_i64(event.event_time.0));
-            kinds.push(kind);
-            versions.push(schema_version);
-            bodies.push(body);
+            columns.push(self.next_position + index as u64, event, meta);
         }
         // One statement and one round trip per batch, whatever its size.
-        let statement = self.prepared(INSERT_SKIPPING_DUPLICATES)?;
-        let inserted = self.client.execute(
-            &statement,
-            &[
-                &positions,
-                &devices,
-                &seqs,
-                &hlc_walls,
-                &hlc_logicals,
-                &event_times,
-                &kinds,
-                &versions,
-                &bodies,
-                &meta.gateway.as_str(),
-                &to_i64(meta.ingest_time.0),
-            ],
-        )?;
+        let inserted = self.insert_rows(INSERT_ROWS_SKIPPING_DUPLICATES, &columns)?;
         // A conflicting row leaves its position unused: positions stay increasing, not dense.
         self.next_position += n as u64;
         Ok((usize::try_from(inserted).unwrap_or(usize::MAX), Position(self.next_position - 1)))
@@ -301,6 +290,30 @@ impl PostgresStore {
         Ok(statement)
     }
 
+    /// Runs `sql` ([`INSERT_ROWS`] or [`INSERT_ROWS_SKIPPING_DUPLICATES`]) on `columns`; returns
+    /// the rows inserted.
+    fn insert_rows(&mut self, sql: &'static str, columns: &EventColumns) -> Result<u64, StoreError> {
+        let devices: Vec<&str> = columns.devices.iter().map(DeviceId::as_str).collect();
+        let gateways: Vec<&str> = columns.gateways.iter().map(GatewayId::as_str).collect();
+        let statement = self.prepared(sql)?;
+        Ok(self.client.execute(
+            &statement,
+            &[
+                &columns.positions,
+                &devices,
+                &columns.seqs,
+                &columns.hlc_walls,
+                &columns.hlc_logicals,
+                &columns.event_times,
+                &columns.kinds,
+                &columns.versions,
+                &columns.bodies,
+                &gateways,
+                &columns.ingest_ms,
+            ],
+        )?)
+    }
+
     /// Sends the held-back writes, one statement per table. They are taken first: if a statement
     /// fails, the transaction is lost on the server anyway, and nothing is sent twice.
     fn flush(&mut self) -> Result<(), StoreError> {
@@ -308,26 +321,8 @@ impl PostgresStore {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        if !pending.positions.is_empty() {
-            let devices: Vec<&str> = pending.devices.iter().map(DeviceId::as_str).collect();
-            let gateways: Vec<&str> = pending.gateways.iter().map(GatewayId::as_str).collect();
-            let statement = self.prepared(INSERT_PENDING)?;
-            self.client.execute(
-                &statement,
-                &[
-                    &pending.positions,
-                    &devices,
-                    &pending.seqs,
-                    &pending.hlc_walls,
-                    &pending.hlc_logicals,
-                    &pending.event_times,
-                    &pending.kinds,
-                    &pending.versions,
-                    &pending.bodies,
-                    &gateways,
-                    &pending.ingest_ms,
-                ],
-            )?;
+        if !pending.events.positions.is_empty() {
+            self.insert_rows(INSERT_ROWS, &pending.events)?;
         }
         if !pending.streams.is_empty() {
             let devices: Vec<&str> = pending.streams.keys().map(DeviceId::as_str).collect();
@@ -606,20 +601,8 @@ impl EventWriter for PostgresStore {
         if !self.holds_event_lock {
             return Err(StoreError::NotEventTransaction);
         }
-        let pending = &mut self.pending;
         for event in events {
-            let (body, kind, schema_version) = encode_event(event);
-            pending.positions.push(to_i64(self.next_position));
-            pending.devices.push(event.id.device);
-            pending.seqs.push(to_i64(event.id.seq.0));
-            pending.hlc_walls.push(to_i64(event.hlc.wall_ms));
-            pending.hlc_logicals.push(i64::from(event.hlc.logical));
-            pending.event_times.push(to_i64(event.event_time.0));
-            pending.kinds.push(kind);
-            pending.versions.push(schema_version);
-            pending.bodies.push(body);
-            pending.gateways.push(meta.gateway);
-            pending.ingest_ms.push(to_i64(meta.ingest_time.0));
+            self.pending.events.push(self.next_position, event, meta);
             self.next_position += 1;
         }
         Ok((events.len(), Position(self.next_position - 1)))

@@ -260,13 +260,12 @@ impl<'a> SegmentReader<'a> {
         let bytes = match version {
             SEGMENT_FORMAT_V1 => bytes,
             SEGMENT_FORMAT_V2 => {
+                // The content keeps its version byte: there must be one before the checksum.
                 let (content, stored) = bytes
-                    .len()
-                    .checked_sub(CHECKSUM_BYTES)
-                    .filter(|&end| end >= 1)
-                    .and_then(|end| Some((bytes.get(..end)?, bytes.get(end..)?.try_into().ok()?)))
+                    .split_last_chunk::<CHECKSUM_BYTES>()
+                    .filter(|(content, _)| !content.is_empty())
                     .ok_or(SegmentError::Truncated { at: bytes.len() })?;
-                let stored = u32::from_le_bytes(stored);
+                let stored = u32::from_le_bytes(*stored);
                 let computed = CHECKSUM.checksum(content);
                 if stored != computed {
                     return Err(SegmentError::Checksum { stored, computed });
