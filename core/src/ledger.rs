@@ -9,7 +9,6 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::auth::{BatchProof, ChainHash, HoleProof, Seal};
@@ -100,9 +99,7 @@ pub trait Ledger {
 /// One device's stream in a [`MemLedger`].
 #[derive(Clone, Debug, Default)]
 struct Stream {
-    /// Shared, so that a copy of the ledger (a simulated disk's live and durable stores) can
-    /// hold one allocation per event instead of two (see [`MemLedger::append_sharing`]).
-    events: BTreeMap<Seq, Arc<Event>>,
+    events: BTreeMap<Seq, Event>,
     /// Highest seq covered contiguously (held, pruned or declared dropped).
     high: Seq,
     /// Highest seq known to be committed in the cloud store.
@@ -149,22 +146,10 @@ impl Stream {
             self.anchors.insert(up_to, chain);
         }
         // Anchors below the commit watermark would only start wider holes than the one at it.
-        remove_below(&mut self.anchors, up_to.min(self.committed));
-        remove_below(&mut self.chains, up_to.next());
-        remove_below(&mut self.seals, up_to.next());
-        remove_below(&mut self.hole_proofs, up_to.next());
-    }
-}
-
-/// Removes the entries below `bound`. The same as `*map = map.split_off(&bound)`, but pruning
-/// takes the few oldest entries of a map at a time, and popping them allocates nothing where
-/// `split_off` builds a new tree for what stays.
-fn remove_below<V>(map: &mut BTreeMap<Seq, V>, bound: Seq) {
-    while let Some(entry) = map.first_entry() {
-        if *entry.key() >= bound {
-            break;
-        }
-        entry.remove();
+        self.anchors = self.anchors.split_off(&up_to.min(self.committed));
+        self.chains = self.chains.split_off(&up_to.next());
+        self.seals = self.seals.split_off(&up_to.next());
+        self.hole_proofs = self.hole_proofs.split_off(&up_to.next());
     }
 }
 
@@ -207,7 +192,7 @@ impl MemLedger {
         if let Some(chain) = stream.head {
             stream.chains.insert(seq, chain);
         }
-        stream.events.insert(seq, Arc::new(event));
+        stream.events.insert(seq, event);
         stream.high = seq;
         Ok(id)
     }
@@ -227,8 +212,7 @@ impl MemLedger {
         for seq in &doomed {
             // A gap event dropped now takes its explanation with it: the new gap covers the
             // seqs it named too, so every hole stays explained by a gap event that survives.
-            let removed = stream.events.remove(seq);
-            if let Some(Payload::Gap(dropped)) = removed.as_deref().map(|event| &event.payload) {
+            if let Some(Event { payload: Payload::Gap(dropped), .. }) = stream.events.remove(seq) {
                 first = first.min(dropped.first);
             }
         }
@@ -247,12 +231,12 @@ impl MemLedger {
 
     /// The events held for `device`, in seq order.
     pub fn events(&self, device: &DeviceId) -> impl Iterator<Item = &Event> + '_ {
-        self.streams.get(device).into_iter().flat_map(|stream| stream.events.values().map(|event| &**event))
+        self.streams.get(device).into_iter().flat_map(|stream| stream.events.values())
     }
 
     /// The event with id `id`, if held.
     pub fn get(&self, id: &EventId) -> Option<&Event> {
-        self.streams.get(&id.device)?.events.get(&id.seq).map(|event| &**event)
+        self.streams.get(&id.device)?.events.get(&id.seq)
     }
 
     /// Number of events held, over all devices.
@@ -289,93 +273,6 @@ impl MemLedger {
     pub fn clock(&self) -> HlcClock {
         self.clock
     }
-
-    /// [`Ledger::append`] of a batch the caller gives away: the new events move into the
-    /// ledger instead of being cloned (a simulated disk replaying its unsynced writes).
-    pub fn append_owned(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
-        self.append_with(batch, EventBatch::into_after, |_| None)
-    }
-
-    /// [`MemLedger::append_owned`] that takes each new event from `source` where `source` holds
-    /// an equal one, sharing its allocation: a simulated disk replays onto its durable store what
-    /// its live store already holds, and the two then keep one copy of each event, not two.
-    pub fn append_sharing(&mut self, batch: EventBatch, source: &MemLedger) -> Result<Appended, LedgerError> {
-        let shared = |event: &Event| {
-            let held = source.streams.get(&event.id.device)?.events.get(&event.id.seq)?;
-            (**held == *event).then(|| Arc::clone(held))
-        };
-        self.append_with(batch, EventBatch::into_after, shared)
-    }
-
-    /// The append of [`Ledger::append`], with the part past the ledger's high taken out of the
-    /// batch by `fresh` (cloned from a borrowed batch, moved out of an owned one).
-    fn append_with<B: core::borrow::Borrow<EventBatch>>(
-        &mut self,
-        batch: B,
-        fresh: impl FnOnce(B, Seq) -> Option<EventBatch>,
-        shared: impl Fn(&Event) -> Option<Arc<Event>>,
-    ) -> Result<Appended, LedgerError> {
-        let borrowed = batch.borrow();
-        borrowed.validate()?;
-        let (device, last_seq) = (borrowed.device, borrowed.last_seq());
-        let last_hlc = borrowed.events.last().map(|event| event.hlc);
-        let stream = self.streams.entry(device).or_default();
-        if borrowed.from > stream.high.next() {
-            return Err(LedgerError::Hole { device, high: stream.high, from: borrowed.from });
-        }
-        let mut n_new = 0;
-        // Late events for declared holes fill them.
-        for event in borrowed.events.iter().filter(|event| event.id.seq <= stream.high) {
-            let seq = event.id.seq;
-            let hole = stream.holes.range(..=seq).next_back().map(|(first, last)| (*first, *last));
-            if let Some((first, last)) = hole.filter(|(_, last)| seq <= *last) {
-                stream.holes.remove(&first);
-                if first < seq {
-                    stream.holes.insert(first, Seq(seq.0 - 1));
-                }
-                if seq < last {
-                    stream.holes.insert(seq.next(), last);
-                }
-                if seq > stream.committed || !self.prune_on_commit {
-                    stream.events.insert(seq, shared(event).unwrap_or_else(|| Arc::new(event.clone())));
-                    n_new += 1;
-                }
-            }
-        }
-        if let Some(fresh) = fresh(batch, stream.high) {
-            // The chain continues our own head; after a hole only the sender's proof knows it.
-            let mut chain = match (fresh.dropped(), &fresh.proof) {
-                (Some(_), proof) => proof.as_ref().map(|proof| proof.prev),
-                (None, _) if stream.high == Seq::ZERO => Some(ChainHash::genesis(&device)),
-                (None, _) => stream.head,
-            };
-            if let Some((first, last)) = fresh.dropped() {
-                stream.holes.insert(first, last);
-            }
-            if let Some(proof) = &fresh.proof {
-                stream.seals.extend(proof.seals.iter().map(|seal| (seal.seq, *seal)));
-                if let Some(hole) = proof.hole {
-                    stream.hole_proofs.insert(hole.last, hole);
-                }
-            }
-            let mut scratch = Vec::new();
-            for event in fresh.events {
-                chain = chain.map(|chain| chain.next_with(&event, &mut scratch));
-                if let Some(chain) = chain {
-                    stream.chains.insert(event.id.seq, chain);
-                }
-                let event = shared(&event).unwrap_or_else(|| Arc::new(event));
-                stream.events.insert(event.id.seq, event);
-                n_new += 1;
-            }
-            stream.head = chain;
-            stream.high = last_seq;
-        }
-        if let Some(last_hlc) = last_hlc {
-            self.clock.observe(Millis(0), last_hlc);
-        }
-        Ok(Appended { high: stream.high, n_new })
-    }
 }
 
 impl Ledger for MemLedger {
@@ -402,7 +299,7 @@ impl Ledger for MemLedger {
                     break;
                 }
             }
-            events.push(Event::clone(event));
+            events.push(event.clone());
         }
         if events.is_empty() {
             return Ok(None);
@@ -424,7 +321,62 @@ impl Ledger for MemLedger {
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
-        self.append_with(batch, |batch, high| batch.after(high), |_| None)
+        batch.validate()?;
+        let stream = self.streams.entry(batch.device).or_default();
+        if batch.from > stream.high.next() {
+            return Err(LedgerError::Hole { device: batch.device, high: stream.high, from: batch.from });
+        }
+        let mut n_new = 0;
+        // Late events for declared holes fill them.
+        for event in batch.events.iter().filter(|event| event.id.seq <= stream.high) {
+            let seq = event.id.seq;
+            let hole = stream.holes.range(..=seq).next_back().map(|(first, last)| (*first, *last));
+            if let Some((first, last)) = hole.filter(|(_, last)| seq <= *last) {
+                stream.holes.remove(&first);
+                if first < seq {
+                    stream.holes.insert(first, Seq(seq.0 - 1));
+                }
+                if seq < last {
+                    stream.holes.insert(seq.next(), last);
+                }
+                if seq > stream.committed || !self.prune_on_commit {
+                    stream.events.insert(seq, event.clone());
+                    n_new += 1;
+                }
+            }
+        }
+        if let Some(fresh) = batch.after(stream.high) {
+            // The chain continues our own head; after a hole only the sender's proof knows it.
+            let mut chain = match (fresh.dropped(), &fresh.proof) {
+                (Some(_), proof) => proof.as_ref().map(|proof| proof.prev),
+                (None, _) if stream.high == Seq::ZERO => Some(ChainHash::genesis(&batch.device)),
+                (None, _) => stream.head,
+            };
+            if let Some((first, last)) = fresh.dropped() {
+                stream.holes.insert(first, last);
+            }
+            if let Some(proof) = &fresh.proof {
+                stream.seals.extend(proof.seals.iter().map(|seal| (seal.seq, *seal)));
+                if let Some(hole) = proof.hole {
+                    stream.hole_proofs.insert(hole.last, hole);
+                }
+            }
+            let mut scratch = Vec::new();
+            for event in fresh.events {
+                chain = chain.map(|chain| chain.next_with(&event, &mut scratch));
+                if let Some(chain) = chain {
+                    stream.chains.insert(event.id.seq, chain);
+                }
+                stream.events.insert(event.id.seq, event);
+                n_new += 1;
+            }
+            stream.head = chain;
+            stream.high = batch.last_seq();
+        }
+        if let Some(last) = batch.events.last() {
+            self.clock.observe(Millis(0), last.hlc);
+        }
+        Ok(Appended { high: stream.high, n_new })
     }
 
     fn mark_committed(&mut self, device: DeviceId, up_to: Seq) -> Result<(), LedgerError> {
@@ -439,7 +391,7 @@ impl Ledger for MemLedger {
             stream.head = None;
         }
         if self.prune_on_commit {
-            remove_below(&mut stream.events, up_to.next());
+            stream.events = stream.events.split_off(&up_to.next());
             stream.holes.retain(|first, _| *first > up_to);
             stream.forget_chains_through(up_to, &device);
         }
@@ -474,28 +426,6 @@ mod tests {
 
     fn reading(value: f64) -> Payload {
         Payload::Reading(SensorReading { sensor: "t".into(), value, unit: "Cel".into() })
-    }
-
-    #[test]
-    fn append_sharing_takes_equal_events_from_the_source_and_the_batch_otherwise() {
-        let device = DeviceId::new("d").unwrap();
-        let mut sender = MemLedger::new();
-        let mut other = MemLedger::new();
-        for i in 0..3 {
-            sender.record(device, Millis(i), Millis(i), reading(i as f64)).unwrap();
-            // The other ledger's seq 3 differs from the sender's.
-            other.record(device, Millis(i), Millis(i), reading(if i == 2 { 9.0 } else { i as f64 })).unwrap();
-        }
-        let batch = sender.read(&device, Seq(1), 10).unwrap().unwrap();
-        let mut shared = MemLedger::new();
-        let mut owned = MemLedger::new();
-        assert_eq!(shared.append_sharing(batch.clone(), &other).unwrap(), owned.append_owned(batch.clone()).unwrap());
-        assert!(shared.events(&device).eq(batch.events.iter()), "the batch's events, whatever the source holds");
-        assert!(owned.events(&device).eq(batch.events.iter()));
-        assert_eq!(shared.chain_head(&device), owned.chain_head(&device));
-        let held = |ledger: &MemLedger, seq| Arc::clone(&ledger.streams[&device].events[&Seq(seq)]);
-        assert!(Arc::ptr_eq(&held(&shared, 1), &held(&other, 1)), "an equal event is shared");
-        assert!(!Arc::ptr_eq(&held(&shared, 3), &held(&other, 3)), "a different one is not");
     }
 
     #[test]

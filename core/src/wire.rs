@@ -350,9 +350,7 @@ impl Frame {
         if let Frame::Events(batch) = self {
             return Frame::encode_events(batch, out);
         }
-        // Non-event frames are small (a keep-alive is a few bytes); one allocation up front
-        // instead of the growth of an empty `Vec`.
-        let mut body = Vec::with_capacity(32);
+        let mut body = Vec::new();
         let tag = self.encode_body(&mut body);
         let len = body.len() + 1;
         debug_assert!(len <= FRAME_BYTES_MAX, "sessions bound what they put in a frame");

@@ -7,9 +7,7 @@
 //! (default 1000), `TIDESYNC_SIM_BENCH_GATEWAYS` (default 20), `TIDESYNC_SIM_BENCH_DURATION`
 //! (default 1d), `TIDESYNC_SIM_BENCH_FAULTS` (default none; `all` for a faulty fleet),
 //! `TIDESYNC_SIM_BENCH_SEED` (default 1), `TIDESYNC_SIM_BENCH_LINGER` (default the simulator's,
-//! 15m: how long devices hold readings to send them in one batch; `0` sends each at once),
-//! `TIDESYNC_SIM_BENCH_UNSIGNED` (default 0; `1` runs the same fleet a second time with
-//! signatures off and prints both figures, the signed one first: a deployment signs).
+//! 15m: how long devices hold readings to send them in one batch; `0` sends each at once).
 
 use std::time::Instant;
 
@@ -74,33 +72,6 @@ fn ledger_baseline(n_events: u64) -> Result<f64> {
     Ok(n_events as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Runs one fleet, prints its figures under `label` and returns the events it recorded.
-fn run_fleet(options: &SimOptions, label: &str) -> Result<u64> {
-    println!("fleet, {label}: {}", options.replay_command());
-    let started = Instant::now();
-    let outcome = tidesync_sim::run(options.clone(), |_, _| {});
-    let wall_s = started.elapsed().as_secs_f64();
-    let events_per_s = outcome.stats.n_recorded as f64 / wall_s;
-    let acceleration = outcome.simulated_ms as f64 / 1_000.0 / wall_s;
-    println!(
-        "simulation, {label}: {} devices, {} gateways, {} simulated, faults {}, linger {}: {} events, {} frames in {wall_s:.1} s wall",
-        options.n_devices,
-        options.n_gateways,
-        tidesync_sim::report::format_ms(outcome.simulated_ms),
-        format_faults(&options.faults),
-        format_duration_ms(options.linger_ms),
-        outcome.stats.n_recorded,
-        outcome.stats.n_frames_sent
-    );
-    println!("  {events_per_s:.0} simulated device-events per wall second, time acceleration {acceleration:.0}x");
-    println!("  trace digest {:016x}", outcome.digest);
-    println!(
-        "  checks: {}",
-        if outcome.passed() { "all passed".to_string() } else { format!("{} FAILED", outcome.failures.len()) }
-    );
-    Ok(outcome.stats.n_recorded)
-}
-
 fn main() -> Result<()> {
     let n_devices: usize = env_or("TIDESYNC_SIM_BENCH_DEVICES", "1000").parse().context("devices")?;
     let n_gateways: usize = env_or("TIDESYNC_SIM_BENCH_GATEWAYS", "20").parse().context("gateways")?;
@@ -110,12 +81,28 @@ fn main() -> Result<()> {
     options.faults = parse_faults(&env_or("TIDESYNC_SIM_BENCH_FAULTS", "none"))?;
     options.linger_ms =
         parse_duration_ms(&env_or("TIDESYNC_SIM_BENCH_LINGER", &format_duration_ms(DEFAULT_LINGER_MS)))?;
-    let n_recorded = run_fleet(&options, "signed")?;
-    if env_or("TIDESYNC_SIM_BENCH_UNSIGNED", "0") == "1" {
-        let unsigned = SimOptions { unsigned: true, ..options.clone() };
-        run_fleet(&unsigned, "UNSIGNED (signatures off, not what a deployment does)")?;
-    }
-    let n_baseline = n_recorded.max(1);
+    println!("fleet: {}", options.replay_command());
+    let started = Instant::now();
+    let outcome = tidesync_sim::run(options.clone(), |_, _| {});
+    let wall_s = started.elapsed().as_secs_f64();
+    let events_per_s = outcome.stats.n_recorded as f64 / wall_s;
+    let acceleration = outcome.simulated_ms as f64 / 1_000.0 / wall_s;
+    println!(
+        "simulation: {} devices, {} gateways, {} simulated, faults {}, linger {}: {} events, {} frames in {wall_s:.1} s wall",
+        n_devices,
+        n_gateways,
+        tidesync_sim::report::format_ms(outcome.simulated_ms),
+        format_faults(&options.faults),
+        format_duration_ms(options.linger_ms),
+        outcome.stats.n_recorded,
+        outcome.stats.n_frames_sent
+    );
+    println!("  {events_per_s:.0} simulated device-events per wall second, time acceleration {acceleration:.0}x");
+    println!(
+        "  checks: {}",
+        if outcome.passed() { "all passed".to_string() } else { format!("{} FAILED", outcome.failures.len()) }
+    );
+    let n_baseline = outcome.stats.n_recorded.max(1);
     println!("baseline, same run, {n_baseline} events:");
     println!("  wire codec encode+decode in frames of 256: {:.0} events/s", codec_baseline(n_baseline)?);
     println!("  MemLedger record: {:.0} events/s", ledger_baseline(n_baseline)?);

@@ -54,21 +54,15 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 /// A hash of an event's content (seq, clock stamp, event time, kind and body): what a device
 /// made durable must reach the cloud with the same hash.
 pub fn event_hash(event: &tidesync_core::event::Event) -> u64 {
-    event_hash_with(event, &mut Vec::new())
-}
-
-/// [`event_hash`] encoding the body into `scratch`, so that a caller hashing many events
-/// allocates once.
-pub fn event_hash_with(event: &tidesync_core::event::Event, scratch: &mut Vec<u8>) -> u64 {
     let mut digest = TraceDigest::new();
     digest.u64(event.id.seq.0);
     digest.u64(event.hlc.wall_ms);
     digest.u64(u64::from(event.hlc.logical));
     digest.u64(event.event_time.0);
     digest.u64(u64::from(event.kind().tag()));
-    scratch.clear();
-    event.payload.encode_body(scratch);
-    digest.bytes(scratch);
+    let mut body = Vec::new();
+    event.payload.encode_body(&mut body);
+    digest.bytes(&body);
     digest.value()
 }
 

@@ -77,11 +77,10 @@ impl SimDisk {
         self.n_syncs
     }
 
-    /// Appends a received batch (unsynced). Takes the batch, so that the unsynced write keeps
-    /// it without a copy; the sync shares the live store's events or moves the batch's.
-    pub fn append(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
-        let appended = self.live.append(&batch)?;
-        self.unsynced.push(DiskOp::Append(batch));
+    /// Appends a received batch (unsynced).
+    pub fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
+        let appended = self.live.append(batch)?;
+        self.unsynced.push(DiskOp::Append(batch.clone()));
         Ok(appended)
     }
 
@@ -124,21 +123,18 @@ impl SimDisk {
             return synced;
         }
         self.n_syncs += 1;
-        let mut scratch = Vec::new();
         for op in std::mem::take(&mut self.unsynced) {
             // The live store accepted each operation on the same state, so the replay cannot fail;
             // a failure would mean the two stores diverged, which is a simulator bug.
             match op {
                 DiskOp::Append(batch) => {
-                    // Events the live store still holds unchanged are shared, not copied: the
-                    // cloud keeps every event, and two copies of each were most of its memory.
-                    let replayed = self.durable.ledger.append_sharing(batch, &self.live.ledger);
+                    let replayed = self.durable.append(&batch);
                     assert!(replayed.is_ok(), "durable replay of an append failed: {replayed:?}");
                 }
                 DiskOp::Record { device, wall, event_time, payload } => {
                     let replayed = self.durable.ledger.record(device, wall, event_time, payload);
                     match replayed {
-                        Ok(id) => synced.recorded.push((id, self.durable_hash(id, &mut scratch))),
+                        Ok(id) => synced.recorded.push((id, self.durable_hash(id))),
                         Err(error) => panic!("durable replay of a record failed: {error}"),
                     }
                 }
@@ -149,7 +145,7 @@ impl SimDisk {
                         None => panic!("durable replay of a drop found nothing to drop"),
                     }
                     let gap_id = EventId { device, seq: self.durable.ledger.high(&device) };
-                    synced.recorded.push((gap_id, self.durable_hash(gap_id, &mut scratch)));
+                    synced.recorded.push((gap_id, self.durable_hash(gap_id)));
                 }
                 DiskOp::MarkCommitted { device, up_to } => {
                     let replayed = self.durable.mark_committed(device, up_to);
@@ -166,9 +162,9 @@ impl SimDisk {
     }
 
     /// The content hash of an event just made durable (so it is held).
-    fn durable_hash(&self, id: EventId, scratch: &mut Vec<u8>) -> u64 {
+    fn durable_hash(&self, id: EventId) -> u64 {
         match self.durable.ledger.get(&id) {
-            Some(event) => crate::digest::event_hash_with(event, scratch),
+            Some(event) => crate::digest::event_hash(event),
             None => panic!("{id} was just recorded durably but is not held"),
         }
     }

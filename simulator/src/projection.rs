@@ -21,9 +21,8 @@ pub struct Latest {
 /// Latest reading per (device, sensor) and event count per device.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Projection {
-    /// Latest reading per device and sensor (nested, so that a fold looks a sensor up by its
-    /// name instead of copying the name into a key for every event).
-    pub latest: BTreeMap<DeviceId, BTreeMap<String, Latest>>,
+    /// Latest reading per (device, sensor).
+    pub latest: BTreeMap<(DeviceId, String), Latest>,
     /// Events folded per device.
     pub n_events: BTreeMap<DeviceId, u64>,
 }
@@ -40,14 +39,15 @@ impl Projection {
         *self.n_events.entry(event.id.device).or_default() += 1;
         if let Payload::Reading(reading) = &event.payload {
             let candidate = Latest { hlc: event.hlc, seq: event.id.seq, value: reading.value };
-            let sensors = self.latest.entry(event.id.device).or_default();
-            match sensors.get_mut(reading.sensor.as_str()) {
-                None => {
-                    sensors.insert(reading.sensor.clone(), candidate);
+            let entry = self.latest.entry((event.id.device, reading.sensor.clone()));
+            match entry {
+                std::collections::btree_map::Entry::Vacant(vacant) => {
+                    vacant.insert(candidate);
                 }
-                Some(current) => {
+                std::collections::btree_map::Entry::Occupied(mut occupied) => {
+                    let current = occupied.get();
                     if (candidate.hlc, candidate.seq) > (current.hlc, current.seq) {
-                        *current = candidate;
+                        occupied.insert(candidate);
                     }
                 }
             }
@@ -84,7 +84,7 @@ mod tests {
         let forward = Projection::fold_all(&events);
         let backward = Projection::fold_all(events.iter().rev());
         assert_eq!(forward, backward);
-        let latest_a = &forward.latest[&DeviceId::new("d").unwrap()]["a"];
+        let latest_a = &forward.latest[&(DeviceId::new("d").unwrap(), "a".to_string())];
         assert_eq!(latest_a.value, 2.0, "latest by clock stamp, not by seq");
     }
 

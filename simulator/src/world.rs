@@ -186,14 +186,11 @@ enum Action {
     PlotPoint,
 }
 
-/// An entry of the event queue: when, in which order, and where its action waits in
-/// [`EventQueue::actions`]. Kept small (24 bytes) because the heap moves entries on every push
-/// and pop; the actions (a delivery carries its frame's bytes) stay put.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Scheduled {
     at: Millis,
     seq: u64,
-    slot: u32,
+    action: Action,
 }
 
 impl PartialEq for Scheduled {
@@ -202,7 +199,6 @@ impl PartialEq for Scheduled {
     }
 }
 impl Eq for Scheduled {}
-
 impl PartialOrd for Scheduled {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -212,42 +208,6 @@ impl Ord for Scheduled {
     // Reversed: `BinaryHeap` pops the largest, the queue wants the earliest (then the first queued).
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
-/// The one event queue, ordered by (time, sequence): a heap of small entries and a slab of the
-/// actions they name, whose free slots are reused.
-#[derive(Debug, Default)]
-struct EventQueue {
-    heap: BinaryHeap<Scheduled>,
-    actions: Vec<Option<Action>>,
-    free: Vec<u32>,
-    seq: u64,
-}
-
-impl EventQueue {
-    fn push(&mut self, at: Millis, action: Action) {
-        self.seq += 1;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.actions[slot as usize] = Some(action);
-                slot
-            }
-            None => {
-                self.actions.push(Some(action));
-                // More than 4 billion actions pending at once would not fit in memory anyway.
-                u32::try_from(self.actions.len() - 1).unwrap_or_else(|_| unreachable!("queue slots fit in u32"))
-            }
-        };
-        self.heap.push(Scheduled { at, seq: self.seq, slot });
-    }
-
-    fn pop(&mut self) -> Option<(Millis, Action)> {
-        let next = self.heap.pop()?;
-        self.free.push(next.slot);
-        let action = self.actions[next.slot as usize].take();
-        debug_assert!(action.is_some(), "a queued slot holds its action");
-        action.map(|action| (next.at, action))
     }
 }
 
@@ -410,7 +370,8 @@ pub struct World {
     now: Millis,
     heal_at: Millis,
     healed: bool,
-    queue: EventQueue,
+    queue: BinaryHeap<Scheduled>,
+    queue_seq: u64,
     next_conn: u64,
     pub(crate) devices: Vec<Device>,
     pub(crate) gateways: Vec<Gateway>,
@@ -510,7 +471,8 @@ impl World {
             now: START_WALL,
             heal_at,
             healed: false,
-            queue: EventQueue::default(),
+            queue: BinaryHeap::new(),
+            queue_seq: 0,
             next_conn: 1,
             devices,
             gateways,
@@ -582,7 +544,8 @@ impl World {
     }
 
     fn schedule(&mut self, at: Millis, action: Action) {
-        self.queue.push(at, action);
+        self.queue_seq += 1;
+        self.queue.push(Scheduled { at, seq: self.queue_seq, action });
     }
 
     fn fault_time(&mut self) -> Millis {
@@ -719,16 +682,16 @@ impl World {
     pub fn run(&mut self, mut progress: impl FnMut(u64, u64)) {
         let total_ms = self.options.duration_ms + self.options.heal_ms_max;
         while !self.finished {
-            let Some((at, action)) = self.queue.pop() else {
+            let Some(next) = self.queue.pop() else {
                 break;
             };
-            debug_assert!(at >= self.now, "time runs forward");
-            self.now = at;
+            debug_assert!(next.at >= self.now, "time runs forward");
+            self.now = next.at;
             self.stats.n_actions += 1;
             if self.stats.n_actions % 16_384 == 0 {
                 progress(self.elapsed_ms(), total_ms);
             }
-            self.act(action);
+            self.act(next.action);
             self.settle();
         }
         progress(self.elapsed_ms(), total_ms);
@@ -847,14 +810,11 @@ impl World {
         let duplicable = !matches!(frame, Frame::ShadowSync(_)) || self.options.duplicate_shadow_sync;
         let copies = if duplicable && dice::chance(&mut self.rng, self.drawn.duplicate_percent) { 2 } else { 1 };
         self.stats.n_frames_duplicated += copies - 1;
-        let mut bytes = Some(bytes);
         for copy in 0..copies {
             let delay_ms = self.drawn.latency_ms + dice::range(&mut self.rng, 0, self.drawn.jitter_ms);
             let at = self.now.plus_ms(delay_ms).max(state.stall_until);
             self.digest.u64(at.0 ^ copy);
-            // The last copy takes the bytes; only a duplicate needs its own.
-            let copy_bytes = if copy + 1 == copies { bytes.take() } else { bytes.clone() };
-            self.schedule(at, Action::Deliver { to, conn, bytes: copy_bytes.unwrap_or_default() });
+            self.schedule(at, Action::Deliver { to, conn, bytes: bytes.clone() });
         }
     }
 
@@ -1223,27 +1183,24 @@ impl World {
                     let committed = node.disk.live().ledger.committed(&device_id);
                     session.session.handle_committed(now, device_id, committed);
                 }
-                SessionEvent::EventsReceived(batch) => {
-                    let batch_device = batch.device;
-                    match node.disk.append(batch) {
-                        Ok(appended) => {
-                            if ack_before_fsync {
-                                session.session.handle_durable(now, batch_device, appended.high);
-                            } else {
-                                node.pending_acks.push((endpoint, conn, batch_device, appended.high));
-                            }
-                            if let Some(uplink) = node.uplink.as_mut() {
-                                uplink.session.handle_appended(batch_device);
-                                uplink_work = true;
-                            }
+                SessionEvent::EventsReceived(batch) => match node.disk.append(&batch) {
+                    Ok(appended) => {
+                        if ack_before_fsync {
+                            session.session.handle_durable(now, batch.device, appended.high);
+                        } else {
+                            node.pending_acks.push((endpoint, conn, batch.device, appended.high));
                         }
-                        Err(error) => {
-                            self.anomalies
-                                .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
-                            session.session.handle_refused(now, batch_device, BackpressureReason::StoreFull, 1_000);
+                        if let Some(uplink) = node.uplink.as_mut() {
+                            uplink.session.handle_appended(batch.device);
+                            uplink_work = true;
                         }
                     }
-                }
+                    Err(error) => {
+                        self.anomalies
+                            .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
+                        session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
+                    }
+                },
                 SessionEvent::ShadowChanged { device: id } => {
                     node.disk.touch_shadow(id);
                     if let Some(uplink) = node.uplink.as_mut() {
@@ -1390,19 +1347,18 @@ impl World {
                     self.stats.n_duplicates_at_cloud += n_held as u64;
                     let fresh: Vec<EventId> =
                         batch.events.iter().map(|event| event.id).filter(|id| bugs.skip_dedupe || !held(id)).collect();
-                    let batch_device = batch.device;
-                    match node.disk.append(batch) {
+                    match node.disk.append(&batch) {
                         Ok(appended) => {
                             node.log_unsynced.extend(fresh);
                             if bugs.ack_before_fsync {
-                                session.session.handle_durable(now, batch_device, appended.high);
+                                session.session.handle_durable(now, batch.device, appended.high);
                             } else {
-                                node.pending_acks.push((endpoint, conn, batch_device, appended.high));
+                                node.pending_acks.push((endpoint, conn, batch.device, appended.high));
                             }
                         }
                         Err(error) => {
                             self.anomalies.push(format!("cloud refused a batch its session accepted: {error}"));
-                            session.session.handle_refused(now, batch_device, BackpressureReason::StoreFull, 1_000);
+                            session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
                         }
                     }
                 }

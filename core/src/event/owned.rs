@@ -343,16 +343,9 @@ impl Payload {
 
     /// The length of [`Payload::encode_body`]'s output.
     pub fn encoded_body_len(&self) -> usize {
-        // Counted, not written: every recorded event is validated, and encoding into a fresh
-        // `Vec` just to take its length cost allocations on every one.
-        match self {
-            Payload::Reading(body) => postcard_len(body),
-            Payload::ShadowReported(body) => postcard_len(body),
-            Payload::Log(body) => postcard_len(body),
-            Payload::Gap(body) => postcard_len(body),
-            Payload::App(body) => postcard_len(body),
-            Payload::Unknown(unknown) => unknown.body.len(),
-        }
+        let mut out = Vec::new();
+        self.encode_body(&mut out);
+        out.len()
     }
 
     /// Decodes a body written as `kind` at `schema_version`. Kinds and versions this build does
@@ -373,39 +366,13 @@ impl Payload {
     }
 }
 
-/// Bytes [`put_postcard`] reserves up front: postcard extends its output a byte at a time, so
-/// an empty `Vec` would grow (and reallocate) several times for one small body.
-const POSTCARD_RESERVE_BYTES: usize = 64;
-
 /// Appends the postcard encoding of `value` to `out`. Serializing into a `Vec` cannot fail for
 /// tidesync's types: postcard fails only on a full buffer or on unsupported serde features.
 pub(crate) fn put_postcard<T: Serialize>(out: &mut Vec<u8>, value: &T) {
-    let mut buffer = core::mem::take(out);
-    buffer.reserve(POSTCARD_RESERVE_BYTES);
+    let buffer = core::mem::take(out);
     let start = buffer.len();
     match postcard::to_extend(value, buffer) {
         Ok(buffer) => *out = buffer,
         Err(error) => debug_assert!(false, "postcard failed into a Vec after {start} bytes: {error}"),
-    }
-}
-
-/// Counts the bytes written to it (a writer for postcard that stores nothing).
-struct ByteCount(usize);
-
-impl Extend<u8> for ByteCount {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
-        self.0 += bytes.into_iter().count();
-    }
-}
-
-/// The length of `value`'s postcard encoding, without writing it. Cannot fail for tidesync's
-/// types (see [`put_postcard`]).
-fn postcard_len<T: Serialize>(value: &T) -> usize {
-    match postcard::to_extend(value, ByteCount(0)) {
-        Ok(count) => count.0,
-        Err(error) => {
-            debug_assert!(false, "postcard failed to count: {error}");
-            0
-        }
     }
 }

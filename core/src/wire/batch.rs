@@ -233,18 +233,6 @@ impl EventBatch {
         Some(EventBatch { device: self.device, from, events: kept.into_iter().cloned().collect(), proof })
     }
 
-    /// [`EventBatch::after`] by value: the common case (nothing held yet) moves the events
-    /// instead of cloning them.
-    pub fn into_after(self, held: Seq) -> Option<EventBatch> {
-        if self.last_seq() <= held {
-            return None;
-        }
-        if self.from > held {
-            return Some(self);
-        }
-        self.after(held)
-    }
-
     /// Shortens the batch to at most `max_events` events. A sealed batch is cut only right after a
     /// seal, so it stays verifiable; returns `false` (and leaves it as it is) if no seal falls
     /// within the first `max_events` events.
