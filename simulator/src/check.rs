@@ -58,6 +58,7 @@ impl Failures {
 
 /// Runs every check.
 pub fn check_all(world: &mut World) -> Vec<CheckFailure> {
+    world.cloud.disk.materialize();
     let mut failures = Vec::new();
     failures.extend(check_no_anomalies(world));
     failures.extend(check_converged(world));

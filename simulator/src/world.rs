@@ -1052,7 +1052,7 @@ impl World {
         self.cloud.needs_sync = false;
         self.cloud.disk.sync();
         for id in std::mem::take(&mut self.cloud.log_unsynced) {
-            match self.cloud.disk.durable().ledger.get(&id) {
+            match self.cloud.disk.live().ledger.get(&id) {
                 Some(event) => self.cloud.projection.fold(event),
                 None => self.anomalies.push(format!("cloud log names {id}, which its store does not hold")),
             }
