@@ -141,8 +141,16 @@ impl SimDisk {
         &self.snapshot
     }
 
-    /// Replays the synced log onto the snapshot, which is then the durable store.
+    /// Makes [`SimDisk::durable`] readable while there are unsynced writes: replays the synced
+    /// log onto the snapshot. (With none, the durable store is the live one already.)
     pub fn materialize(&mut self) {
+        if self.has_unsynced() {
+            self.replay_log();
+        }
+    }
+
+    /// Replays the synced log onto the snapshot, which is then the durable store.
+    fn replay_log(&mut self) {
         for op in std::mem::take(&mut self.synced) {
             op.replay(&mut self.snapshot);
         }
@@ -211,7 +219,8 @@ impl SimDisk {
         self.n_syncs += 1;
         let mut synced = std::mem::take(&mut self.pending);
         synced.n_ops = self.unsynced.len();
-        for op in std::mem::take(&mut self.unsynced) {
+        // Drained, not taken: the queue keeps its capacity for the next round.
+        for op in self.unsynced.drain(..) {
             self.synced_weight += op.weight();
             self.synced.push(op);
         }
@@ -240,7 +249,7 @@ impl SimDisk {
         self.unsynced.clear();
         self.pending = Synced::default();
         self.dirty_shadows.clear();
-        self.materialize();
+        self.replay_log();
         self.live = self.snapshot.clone();
     }
 
