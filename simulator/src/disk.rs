@@ -168,10 +168,10 @@ impl SimDisk {
         self.n_syncs
     }
 
-    /// Appends a received batch (unsynced).
-    pub fn append(&mut self, batch: &EventBatch) -> Result<Appended, LedgerError> {
-        let appended = self.live.append(batch)?;
-        self.unsynced.push(DiskOp::Append(batch.clone()));
+    /// Appends a received batch (unsynced). Takes the batch: the log keeps it for a replay.
+    pub fn append(&mut self, batch: EventBatch) -> Result<Appended, LedgerError> {
+        let appended = self.live.append(&batch)?;
+        self.unsynced.push(DiskOp::Append(batch));
         Ok(appended)
     }
 

@@ -1183,24 +1183,27 @@ impl World {
                     let committed = node.disk.live().ledger.committed(&device_id);
                     session.session.handle_committed(now, device_id, committed);
                 }
-                SessionEvent::EventsReceived(batch) => match node.disk.append(&batch) {
-                    Ok(appended) => {
-                        if ack_before_fsync {
-                            session.session.handle_durable(now, batch.device, appended.high);
-                        } else {
-                            node.pending_acks.push((endpoint, conn, batch.device, appended.high));
+                SessionEvent::EventsReceived(batch) => {
+                    let device_id = batch.device;
+                    match node.disk.append(batch) {
+                        Ok(appended) => {
+                            if ack_before_fsync {
+                                session.session.handle_durable(now, device_id, appended.high);
+                            } else {
+                                node.pending_acks.push((endpoint, conn, device_id, appended.high));
+                            }
+                            if let Some(uplink) = node.uplink.as_mut() {
+                                uplink.session.handle_appended(device_id);
+                                uplink_work = true;
+                            }
                         }
-                        if let Some(uplink) = node.uplink.as_mut() {
-                            uplink.session.handle_appended(batch.device);
-                            uplink_work = true;
+                        Err(error) => {
+                            self.anomalies
+                                .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
+                            session.session.handle_refused(now, device_id, BackpressureReason::StoreFull, 1_000);
                         }
                     }
-                    Err(error) => {
-                        self.anomalies
-                            .push(format!("gateway {} refused a batch its session accepted: {error}", node.id));
-                        session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
-                    }
-                },
+                }
                 SessionEvent::ShadowChanged { device: id } => {
                     node.disk.touch_shadow(id);
                     if let Some(uplink) = node.uplink.as_mut() {
@@ -1342,23 +1345,28 @@ impl World {
             match event {
                 SessionEvent::EventsReceived(batch) => {
                     // The event store dedupes by id: only events it does not hold get a position.
-                    let held = |id: &EventId| node.disk.live().ledger.get(id).is_some();
-                    let n_held = batch.events.iter().filter(|event| held(&event.id)).count();
-                    self.stats.n_duplicates_at_cloud += n_held as u64;
-                    let fresh: Vec<EventId> =
-                        batch.events.iter().map(|event| event.id).filter(|id| bugs.skip_dedupe || !held(id)).collect();
-                    match node.disk.append(&batch) {
+                    let ledger = &node.disk.live().ledger;
+                    let mut fresh = Vec::with_capacity(batch.events.len());
+                    for event in &batch.events {
+                        let held = ledger.get(&event.id).is_some();
+                        self.stats.n_duplicates_at_cloud += u64::from(held);
+                        if bugs.skip_dedupe || !held {
+                            fresh.push(event.id);
+                        }
+                    }
+                    let device_id = batch.device;
+                    match node.disk.append(batch) {
                         Ok(appended) => {
                             node.log_unsynced.extend(fresh);
                             if bugs.ack_before_fsync {
-                                session.session.handle_durable(now, batch.device, appended.high);
+                                session.session.handle_durable(now, device_id, appended.high);
                             } else {
-                                node.pending_acks.push((endpoint, conn, batch.device, appended.high));
+                                node.pending_acks.push((endpoint, conn, device_id, appended.high));
                             }
                         }
                         Err(error) => {
                             self.anomalies.push(format!("cloud refused a batch its session accepted: {error}"));
-                            session.session.handle_refused(now, batch.device, BackpressureReason::StoreFull, 1_000);
+                            session.session.handle_refused(now, device_id, BackpressureReason::StoreFull, 1_000);
                         }
                     }
                 }
