@@ -18,6 +18,10 @@ use tidesync_core::wire::{EventBatch, Frame};
 use tidesync_sim::options::{format_duration_ms, format_faults, parse_duration_ms, parse_faults, DEFAULT_LINGER_MS};
 use tidesync_sim::SimOptions;
 
+// As the `tidesync-sim` binary does (the baselines run on it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
