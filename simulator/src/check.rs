@@ -1,8 +1,6 @@
 //! The checks a run must pass once the fleet has healed, as plain functions over the world.
 //! Each returns the failures it found (at most a few per check, with the data that explains them).
 
-use std::collections::BTreeSet;
-
 use tidesync_core::event::{EventId, Payload, Seq};
 use tidesync_core::ledger::Ledger;
 
@@ -59,17 +57,27 @@ impl Failures {
 /// Runs every check.
 pub fn check_all(world: &mut World) -> Vec<CheckFailure> {
     world.cloud.disk.materialize();
-    let mut failures = Vec::new();
-    failures.extend(check_no_anomalies(world));
-    failures.extend(check_converged(world));
-    failures.extend(check_exactly_once(world));
-    failures.extend(check_device_order(world));
-    failures.extend(check_gaps_explained(world));
-    failures.extend(check_gap_events_cover_holes(world));
-    failures.extend(check_shadows_converge(world));
-    failures.extend(check_projection(world));
-    failures.extend(crate::world::adversary::check_security(world));
-    failures
+    let world: &World = world;
+    let checks: [fn(&World) -> Vec<CheckFailure>; 9] = [
+        check_no_anomalies,
+        check_converged,
+        check_exactly_once,
+        check_device_order,
+        check_gaps_explained,
+        check_gap_events_cover_holes,
+        check_shadows_converge,
+        check_projection,
+        crate::world::adversary::check_security,
+    ];
+    // The checks only read the world, so they run at once on the machine's cores (a tenth of a
+    // large fleet's run was spent here); failures are reported in the order above all the same.
+    std::thread::scope(|scope| {
+        let running: Vec<_> = checks.iter().map(|check| scope.spawn(move || check(world))).collect();
+        running
+            .into_iter()
+            .flat_map(|check| check.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
 }
 
 /// Nothing impossible happened along the way (a store refusing a batch its session handed over,
@@ -136,9 +144,12 @@ pub fn check_exactly_once(world: &World) -> Vec<CheckFailure> {
         }
         // A device whose batches the cloud refused may stay behind, never have holes.
         let lags = world.security.may_lag(&node.id).then(|| store.high(&node.id));
+        // The stream in seq order, walked beside the oracle rather than looked up per event.
+        let mut stored = store.events(&node.id).peekable();
         for (index, expected) in oracle.iter().enumerate() {
             let id = EventId { device: node.id, seq: Seq(index as u64 + 1) };
-            match store.get(&id) {
+            while stored.next_if(|event| event.id.seq < id.seq).is_some() {}
+            match stored.next_if(|event| event.id.seq == id.seq) {
                 Some(event) if event_hash(event) == *expected => {}
                 Some(_) => failures.push(format!("{id} in the cloud differs from what the device made durable")),
                 None if covered(drops, id.seq) => {}
@@ -147,14 +158,20 @@ pub fn check_exactly_once(world: &World) -> Vec<CheckFailure> {
             }
         }
     }
-    let mut seen = BTreeSet::new();
-    for id in &world.cloud.log {
-        if !seen.insert(*id) {
-            failures.push(format!("{id} is in the cloud log more than once"));
+    let mut logged = world.cloud.log.clone();
+    logged.sort_unstable();
+    let mut n_distinct = 0;
+    for (index, id) in logged.iter().enumerate() {
+        if index > 0 && logged[index - 1] == *id {
+            if index < 2 || logged[index - 2] != *id {
+                failures.push(format!("{id} is in the cloud log more than once"));
+            }
+        } else {
+            n_distinct += 1;
         }
     }
-    if seen.len() != store.len() {
-        failures.push(format!("the cloud log has {} distinct events, its store {}", seen.len(), store.len()));
+    if n_distinct != store.len() {
+        failures.push(format!("the cloud log has {n_distinct} distinct events, its store {}", store.len()));
     }
     failures.finish()
 }
