@@ -186,11 +186,14 @@ enum Action {
     PlotPoint,
 }
 
-#[derive(Debug)]
+/// An entry of the event queue: when, in which order, and where its action waits in
+/// [`EventQueue::actions`]. Kept small (24 bytes) because the heap moves entries on every push
+/// and pop; the actions (a delivery carries its frame's bytes) stay put.
+#[derive(Debug, Clone, Copy)]
 struct Scheduled {
     at: Millis,
     seq: u64,
-    action: Action,
+    slot: u32,
 }
 
 impl PartialEq for Scheduled {
@@ -199,6 +202,7 @@ impl PartialEq for Scheduled {
     }
 }
 impl Eq for Scheduled {}
+
 impl PartialOrd for Scheduled {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -208,6 +212,42 @@ impl Ord for Scheduled {
     // Reversed: `BinaryHeap` pops the largest, the queue wants the earliest (then the first queued).
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// The one event queue, ordered by (time, sequence): a heap of small entries and a slab of the
+/// actions they name, whose free slots are reused.
+#[derive(Debug, Default)]
+struct EventQueue {
+    heap: BinaryHeap<Scheduled>,
+    actions: Vec<Option<Action>>,
+    free: Vec<u32>,
+    seq: u64,
+}
+
+impl EventQueue {
+    fn push(&mut self, at: Millis, action: Action) {
+        self.seq += 1;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.actions[slot as usize] = Some(action);
+                slot
+            }
+            None => {
+                self.actions.push(Some(action));
+                // More than 4 billion actions pending at once would not fit in memory anyway.
+                u32::try_from(self.actions.len() - 1).unwrap_or_else(|_| unreachable!("queue slots fit in u32"))
+            }
+        };
+        self.heap.push(Scheduled { at, seq: self.seq, slot });
+    }
+
+    fn pop(&mut self) -> Option<(Millis, Action)> {
+        let next = self.heap.pop()?;
+        self.free.push(next.slot);
+        let action = self.actions[next.slot as usize].take();
+        debug_assert!(action.is_some(), "a queued slot holds its action");
+        action.map(|action| (next.at, action))
     }
 }
 
@@ -370,8 +410,7 @@ pub struct World {
     now: Millis,
     heal_at: Millis,
     healed: bool,
-    queue: BinaryHeap<Scheduled>,
-    queue_seq: u64,
+    queue: EventQueue,
     next_conn: u64,
     pub(crate) devices: Vec<Device>,
     pub(crate) gateways: Vec<Gateway>,
@@ -471,8 +510,7 @@ impl World {
             now: START_WALL,
             heal_at,
             healed: false,
-            queue: BinaryHeap::new(),
-            queue_seq: 0,
+            queue: EventQueue::default(),
             next_conn: 1,
             devices,
             gateways,
@@ -544,8 +582,7 @@ impl World {
     }
 
     fn schedule(&mut self, at: Millis, action: Action) {
-        self.queue_seq += 1;
-        self.queue.push(Scheduled { at, seq: self.queue_seq, action });
+        self.queue.push(at, action);
     }
 
     fn fault_time(&mut self) -> Millis {
@@ -682,16 +719,16 @@ impl World {
     pub fn run(&mut self, mut progress: impl FnMut(u64, u64)) {
         let total_ms = self.options.duration_ms + self.options.heal_ms_max;
         while !self.finished {
-            let Some(next) = self.queue.pop() else {
+            let Some((at, action)) = self.queue.pop() else {
                 break;
             };
-            debug_assert!(next.at >= self.now, "time runs forward");
-            self.now = next.at;
+            debug_assert!(at >= self.now, "time runs forward");
+            self.now = at;
             self.stats.n_actions += 1;
             if self.stats.n_actions % 16_384 == 0 {
                 progress(self.elapsed_ms(), total_ms);
             }
-            self.act(next.action);
+            self.act(action);
             self.settle();
         }
         progress(self.elapsed_ms(), total_ms);
