@@ -825,7 +825,7 @@ impl World {
     /// Puts a frame on the network: maybe lost, maybe twice, with latency and jitter, held
     /// while the link stalls.
     fn send(&mut self, from: Endpoint, to: Endpoint, conn: u64, frame: &Frame) {
-        let bytes = frame.to_bytes();
+        let mut bytes = frame.to_bytes();
         self.stats.n_frames_sent += 1;
         *self.stats.n_frames_by_type.entry(frame.name()).or_default() += 1;
         self.stats.n_bytes_sent += bytes.len() as u64;
@@ -851,7 +851,9 @@ impl World {
             let delay_ms = self.drawn.latency_ms + dice::range(&mut self.rng, 0, self.drawn.jitter_ms);
             let at = self.now.plus_ms(delay_ms).max(state.stall_until);
             self.digest.u64(at.0 ^ copy);
-            self.schedule(at, Action::Deliver { to, conn, bytes: bytes.clone() });
+            // The last copy takes the encoded frame itself.
+            let bytes = if copy + 1 == copies { std::mem::take(&mut bytes) } else { bytes.clone() };
+            self.schedule(at, Action::Deliver { to, conn, bytes });
         }
     }
 
