@@ -31,6 +31,7 @@
 //! is SHA-256 over a few dozen bytes per event.
 
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -296,6 +297,29 @@ pub enum KeyError {
 #[derive(Clone, Debug, Default)]
 pub struct DeviceKeys {
     keys: BTreeMap<DeviceId, Vec<VerifyingKey>>,
+    /// Signatures found valid ahead of time, consulted before verifying one.
+    verified: Option<Arc<dyn VerifiedSignatures>>,
+}
+
+/// Signatures already found valid, filled by a host that verifies batches ahead of time on
+/// another core (see [`verified_signatures`]) and consulted by [`verify_batch`] before it spends
+/// an Ed25519 verification. An entry is a SHA-256 over the public key, the message and the
+/// signature, so it vouches for exactly that triple: an altered event changes the message, a
+/// removed key is never asked about, and a wrong entry can only cost a verification.
+pub trait VerifiedSignatures: Send + Sync + fmt::Debug {
+    /// Whether `entry` was recorded; forgets it (each batch's signatures are checked once).
+    fn take(&self, entry: &[u8; 32]) -> bool;
+}
+
+/// What [`VerifiedSignatures`] holds for one valid signature.
+fn verified_entry(key: &VerifyingKey, message: &[u8], signature: &Signature) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"tidesync verified signature v1");
+    hasher.update(key.as_bytes());
+    hasher.update((message.len() as u64).to_le_bytes());
+    hasher.update(message);
+    hasher.update(signature.to_bytes());
+    hasher.finalize().into()
 }
 
 impl DeviceKeys {
@@ -332,10 +356,54 @@ impl DeviceKeys {
         self.keys.is_empty()
     }
 
-    fn verifies(&self, device: &DeviceId, message: &[u8], signature: &[u8; SIGNATURE_BYTES]) -> bool {
-        let signature = Signature::from_bytes(signature);
-        self.keys.get(device).is_some_and(|keys| keys.iter().any(|key| key.verify_strict(message, &signature).is_ok()))
+    /// These keys, consulting `verified` before each verification.
+    pub fn consulting(mut self, verified: Arc<dyn VerifiedSignatures>) -> Self {
+        self.verified = Some(verified);
+        self
     }
+
+    /// Whether one of `device`'s keys made `signature` over `message`.
+    #[cfg(test)]
+    fn verifies(&self, device: &DeviceId, message: &[u8], signature: &[u8; SIGNATURE_BYTES]) -> bool {
+        self.verifies_with(device, message, signature, &mut Check::Consulting)
+    }
+
+    /// Whether one of `device`'s keys made `signature` over `message`, checked as `check` says.
+    fn verifies_with(
+        &self,
+        device: &DeviceId,
+        message: &[u8],
+        signature: &[u8; SIGNATURE_BYTES],
+        check: &mut Check<'_>,
+    ) -> bool {
+        let signature = Signature::from_bytes(signature);
+        self.keys.get(device).is_some_and(|keys| {
+            keys.iter().any(|key| match check {
+                Check::Consulting => {
+                    let known = self
+                        .verified
+                        .as_ref()
+                        .is_some_and(|verified| verified.take(&verified_entry(key, message, &signature)));
+                    known || key.verify_strict(message, &signature).is_ok()
+                }
+                Check::Recording(entries) => {
+                    let valid = key.verify_strict(message, &signature).is_ok();
+                    if valid {
+                        entries.push(verified_entry(key, message, &signature));
+                    }
+                    valid
+                }
+            })
+        })
+    }
+}
+
+/// How [`verify_batch_with`] checks a signature.
+enum Check<'a> {
+    /// Known valid ([`DeviceKeys::consulting`]) or verified now: the cloud deciding.
+    Consulting,
+    /// Verified now, and each valid one's entry kept: ahead of time, for the cloud to consult.
+    Recording(&'a mut Vec<[u8; 32]>),
 }
 
 /// What is wrong with a batch, from the cloud's point of view. Each is a security event: it names
@@ -422,6 +490,25 @@ pub fn verify_batch(
     batch: &crate::wire::EventBatch,
     at: Option<Seq>,
 ) -> Result<Verified, Violation> {
+    verify_batch_with(keys, batch, at, &mut Check::Consulting)
+}
+
+/// The [`VerifiedSignatures`] entries of the signatures in `batch` that verify, found as
+/// [`verify_batch`] would check them (stopping where it would stop). For a host to compute ahead
+/// of time, on another core, for the cloud's `keys` to consult.
+pub fn verified_signatures(keys: &DeviceKeys, batch: &crate::wire::EventBatch) -> Vec<[u8; 32]> {
+    let mut entries = Vec::new();
+    // Where a signature fails, the rest are not needed: the batch is refused whatever they say.
+    let _ = verify_batch_with(keys, batch, None, &mut Check::Recording(&mut entries));
+    entries
+}
+
+fn verify_batch_with(
+    keys: &DeviceKeys,
+    batch: &crate::wire::EventBatch,
+    at: Option<Seq>,
+    check: &mut Check<'_>,
+) -> Result<Verified, Violation> {
     let device = batch.device;
     let Some(proof) = &batch.proof else {
         return Err(if keys.knows(&device) { Violation::Unsigned } else { Violation::UnknownDevice });
@@ -437,10 +524,11 @@ pub fn verify_batch(
                 && hole.first <= hole_first
                 && hole.last == hole_last
                 && hole.chain == proof.prev
-                && keys.verifies(
+                && keys.verifies_with(
                     &device,
                     &hole_message(&device, hole.first, hole.last, &hole.before, &hole.chain),
                     &hole.signature,
+                    check,
                 )
         });
         let Some(hole) = valid else {
@@ -465,7 +553,7 @@ pub fn verify_batch(
             at_chain = Some(chain);
         }
         if let Some(seal) = seals.next_if(|seal| seal.seq == seq) {
-            if !keys.verifies(&device, &seal_message(&device, seq, &chain), &seal.signature) {
+            if !keys.verifies_with(&device, &seal_message(&device, seq, &chain), &seal.signature, check) {
                 return Err(Violation::BadSeal { seq });
             }
         }

@@ -7,7 +7,8 @@
 //! (default 1000), `TIDESYNC_SIM_BENCH_GATEWAYS` (default 20), `TIDESYNC_SIM_BENCH_DURATION`
 //! (default 1d), `TIDESYNC_SIM_BENCH_FAULTS` (default none; `all` for a faulty fleet),
 //! `TIDESYNC_SIM_BENCH_SEED` (default 1), `TIDESYNC_SIM_BENCH_LINGER` (default the simulator's,
-//! 15m: how long devices hold readings to send them in one batch; `0` sends each at once).
+//! 15m: how long devices hold readings to send them in one batch; `0` sends each at once),
+//! `TIDESYNC_SIM_BENCH_VERIFY_AHEAD` (default 1; `0` has the cloud verify every signature itself).
 
 use std::time::Instant;
 
@@ -85,7 +86,9 @@ fn main() -> Result<()> {
     options.faults = parse_faults(&env_or("TIDESYNC_SIM_BENCH_FAULTS", "none"))?;
     options.linger_ms =
         parse_duration_ms(&env_or("TIDESYNC_SIM_BENCH_LINGER", &format_duration_ms(DEFAULT_LINGER_MS)))?;
-    println!("fleet: {}", options.replay_command());
+    // As `tidesync-sim run` does: the second core verifies signatures ahead. `0` to compare.
+    options.verify_ahead = env_or("TIDESYNC_SIM_BENCH_VERIFY_AHEAD", "1") != "0";
+    println!("fleet: {} (verify ahead: {})", options.replay_command(), options.verify_ahead);
     let started = Instant::now();
     let outcome = tidesync_sim::run(options.clone(), |_, _| {});
     let wall_s = started.elapsed().as_secs_f64();
@@ -102,6 +105,7 @@ fn main() -> Result<()> {
         outcome.stats.n_frames_sent
     );
     println!("  {events_per_s:.0} simulated device-events per wall second, time acceleration {acceleration:.0}x");
+    println!("  trace digest {:016x}", outcome.digest);
     println!(
         "  checks: {}",
         if outcome.passed() { "all passed".to_string() } else { format!("{} FAILED", outcome.failures.len()) }

@@ -29,6 +29,7 @@ use crate::options::{DrawnFaults, SimOptions};
 use crate::projection::Projection;
 
 pub mod adversary;
+mod ahead;
 
 /// Virtual time at the start of every run: 2026-01-01T00:00:00Z.
 pub const START_WALL: Millis = Millis(1_767_225_600_000);
@@ -551,6 +552,13 @@ impl World {
         &self.options
     }
 
+    /// Signatures the cloud found verified ahead of time, on another core, instead of verifying
+    /// them itself (see [`crate::options::SimOptions::verify_ahead`]). Depends on thread timing,
+    /// so it is reported beside the wall time, never in the outcome.
+    pub fn n_signatures_verified_ahead(&self) -> u64 {
+        self.security.n_verified_ahead()
+    }
+
     /// The trace digest so far.
     pub fn digest(&self) -> u64 {
         self.digest.value()
@@ -834,6 +842,9 @@ impl World {
         self.digest.bytes(&bytes);
         if let (Frame::ShadowSync(sync), true) = (frame, self.options.spin_watchdog) {
             self.count_shadow_frame(from, conn, sync.device);
+        }
+        if let (Endpoint::Device(_), Frame::Events(batch)) = (from, frame) {
+            self.security.verify_ahead(batch);
         }
         let (link, direction) = self.link_of(from);
         let state = *self.link_state(link);

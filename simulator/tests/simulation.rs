@@ -118,6 +118,21 @@ fn a_seed_replays_to_the_same_digest_and_different_seeds_differ() {
 }
 
 #[test]
+fn verifying_signatures_ahead_changes_nothing_but_who_verifies() {
+    for (seed, adversaries) in [(11, false), (3, true)] {
+        let mut options = small(seed);
+        options.adversaries = adversaries;
+        let inline = run(options.clone(), |_, _| {});
+        options.verify_ahead = true;
+        let mut ahead = run(options, |_, _| {});
+        assert!(ahead.options.verify_ahead);
+        ahead.options.verify_ahead = false;
+        assert_eq!(inline, ahead, "seed {seed}: the same run, outcome and digest");
+        assert!(ahead.failures.is_empty(), "{ahead}");
+    }
+}
+
+#[test]
 fn a_failed_run_names_its_replay_command() {
     let mut options = small(1);
     options.bugs.send_unsynced = true;

@@ -267,6 +267,70 @@ fn rotation_keeps_old_seals_valid_and_revocation_removes_them() {
     let _ = Arc::new(revoked);
 }
 
+/// A [`VerifiedSignatures`] that counts what it vouched for.
+#[derive(Debug, Default)]
+struct Vouched {
+    entries: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    n_taken: std::sync::atomic::AtomicUsize,
+}
+
+impl Vouched {
+    fn record(&self, entries: Vec<[u8; 32]>) {
+        self.entries.lock().unwrap().extend(entries);
+    }
+
+    fn n_taken(&self) -> usize {
+        self.n_taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl VerifiedSignatures for Vouched {
+    fn take(&self, entry: &[u8; 32]) -> bool {
+        let taken = self.entries.lock().unwrap().remove(entry);
+        self.n_taken.fetch_add(usize::from(taken), std::sync::atomic::Ordering::Relaxed);
+        taken
+    }
+}
+
+#[test]
+fn signatures_verified_ahead_are_taken_once_and_vouch_for_nothing_else() {
+    let signer = signer(4);
+    let mut device_ledger = ledger(12);
+    device_ledger.drop_oldest(device(), 2, Millis(5_000)).unwrap();
+    let honest = sealed(&device_ledger, &signer, 1, 100);
+    let ahead = verified_signatures(&keys_of(&signer), &honest);
+    assert_eq!(ahead.len(), 2, "the seal and the hole proof");
+
+    let vouched = Arc::new(Vouched::default());
+    let keys = keys_of(&signer).consulting(vouched.clone());
+    vouched.record(ahead.clone());
+    let verified = verify_batch(&keys, &honest, None).unwrap();
+    assert_eq!(Some(verified.head), device_ledger.chain_head(&device()));
+    assert_eq!(vouched.n_taken(), 2);
+    assert!(vouched.entries.lock().unwrap().is_empty());
+    // Taken: the next check verifies again, with the same verdict.
+    verify_batch(&keys, &honest, None).unwrap();
+    assert_eq!(vouched.n_taken(), 2);
+
+    // The honest batch's entries do not vouch for an altered batch, a forged signature, or a
+    // batch of the same events signed by another key.
+    let mut altered = honest.clone();
+    altered.events[3].payload = reading(99.0);
+    let mut forged = honest.clone();
+    forged.proof.as_mut().unwrap().seals[0].signature[0] ^= 1;
+    let other = sealed(&device_ledger, &DeviceSigner::from_seed(device(), [9; 32]), 1, 100);
+    for tampered in [&altered, &forged, &other] {
+        vouched.record(ahead.clone());
+        let refused = verify_batch(&keys, tampered, None);
+        assert!(matches!(refused, Err(Violation::BadSeal { .. } | Violation::BadHole { .. })), "{refused:?}");
+        assert!(verified_signatures(&keys_of(&signer), tampered).len() < 2, "the bad seal has no entry");
+    }
+    // Nor for a key that was revoked since.
+    vouched.record(ahead);
+    let revoked = keys_of(&DeviceSigner::from_seed(device(), [5; 32])).consulting(vouched.clone());
+    assert!(matches!(verify_batch(&revoked, &honest, None), Err(Violation::BadHole { .. })));
+}
+
 #[test]
 fn weak_or_invalid_public_keys_are_refused() {
     let mut keys = DeviceKeys::new();
@@ -295,6 +359,10 @@ proptest! {
             _ => event.payload = reading(delta as f64 + 0.5),
         }
         prop_assert!(verify_batch(&keys, &changed, None).is_err());
+        // Also when the honest batch's signatures were verified ahead of time.
+        let vouched = Arc::new(Vouched::default());
+        vouched.record(verified_signatures(&keys, &batch));
+        prop_assert!(verify_batch(&keys.clone().consulting(vouched), &changed, None).is_err());
     }
 
     /// The chain is a function of the events: computing it in one pass or in any two pieces

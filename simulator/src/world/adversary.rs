@@ -33,6 +33,7 @@ use tidesync_core::ledger::Ledger;
 use tidesync_core::sync::{batch::EventBatch, Ingest, MemStore, SessionError};
 use tidesync_core::wire::{Frame, BATCH_EVENTS_MAX};
 
+use super::ahead::VerifyAhead;
 use super::{device_store, Action, Device, LinkState, World, RECONNECT_MS_MIN, START_WALL};
 use crate::check::CheckFailure;
 use crate::dice;
@@ -250,6 +251,11 @@ pub(crate) struct Security {
     /// Per device index, its secret key seed (a clone has its original's).
     seeds: Vec<[u8; 32]>,
     keys: Arc<DeviceKeys>,
+    /// The keys the cloud verifies with: `keys`, consulting `ahead` when there is one.
+    cloud_keys: Arc<DeviceKeys>,
+    /// Devices' signatures verified as they send, on another core
+    /// ([`crate::options::SimOptions::verify_ahead`]).
+    ahead: Option<VerifyAhead>,
     /// `--unsigned`: devices do not sign and the cloud does not verify.
     unsigned: bool,
     adversary: Option<Adversary>,
@@ -275,8 +281,20 @@ impl Security {
         if skip_verify || self.unsigned {
             ingest
         } else {
-            ingest.verifying(self.keys.clone())
+            ingest.verifying(self.cloud_keys.clone())
         }
+    }
+
+    /// Hands a batch a device sends to the verifier that works ahead, if there is one.
+    pub(super) fn verify_ahead(&self, batch: &EventBatch) {
+        if let Some(ahead) = &self.ahead {
+            ahead.submit(batch);
+        }
+    }
+
+    /// Signatures the cloud found verified ahead instead of verifying them itself.
+    pub(crate) fn n_verified_ahead(&self) -> u64 {
+        self.ahead.as_ref().map_or(0, VerifyAhead::n_taken)
     }
 
     /// Whether `device`'s events may stay behind in the cloud (refused batches held by a
@@ -604,6 +622,12 @@ impl World {
             self.security.seeds.push(seed);
         }
         self.security.keys = Arc::new(keys);
+        self.security.cloud_keys = self.security.keys.clone();
+        if self.options.verify_ahead && !self.options.unsigned && !self.options.bugs.skip_verify {
+            let ahead = VerifyAhead::start(self.security.keys.clone());
+            self.security.cloud_keys = ahead.consulted_by(&self.security.keys);
+            self.security.ahead = Some(ahead);
+        }
         if !self.options.adversaries {
             return;
         }
