@@ -30,7 +30,7 @@ use tokio::sync::watch;
 /// `pki/name.key` (a device also gets `pki/name.sign.key`, registered in `device-keys.txt`), as
 /// `tidesync-gateway pki issue` does; returns the credentials.
 fn issue(pki: &Path, holder: Holder, name: &str) -> Credentials {
-    pki_cli::issue(pki, &holder, &pki.join(name), 1).unwrap();
+    pki_cli::issue(pki, &holder, &pki.join(name), 1, &mut std::io::sink()).unwrap();
     let read = |file: String| std::fs::read_to_string(pki.join(file)).unwrap();
     Credentials {
         ca_pem: read("ca.pem".into()),
@@ -85,7 +85,7 @@ fn cloud_config(dir: &Path) -> Config {
 async fn device_to_gateway_to_cloud_exactly_once_with_commits_back_and_desired_state_down() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    pki_cli::init(&pki, "e2e", 1, 1).unwrap();
+    pki_cli::init(&pki, "e2e", 1, 1, &mut std::io::sink()).unwrap();
     issue(&pki, Holder::Cloud, "cloud");
     let gateway_id = GatewayId::new("gw-1").unwrap();
     issue(&pki, Holder::Gateway(gateway_id), "gateway");

@@ -143,7 +143,7 @@ where
         }
         Command::Status { config } => status(&config),
         Command::Pki(PkiCommand::Init { dir, fleet, ca_days, crl_days }) => {
-            pki_cli::init(&dir, &fleet, ca_days, crl_days)
+            pki_cli::init(&dir, &fleet, ca_days, crl_days, &mut std::io::stdout())
         }
         Command::Pki(PkiCommand::Issue { dir, holder, out, days }) => {
             let holder = match (holder.device, holder.gateway, holder.cloud) {
@@ -151,14 +151,16 @@ where
                 (_, Some(gateway), _) => Holder::Gateway(gateway),
                 _ => Holder::Cloud,
             };
-            pki_cli::issue(&dir, &holder, &out, days).map(drop)
+            pki_cli::issue(&dir, &holder, &out, days, &mut std::io::stdout()).map(drop)
         }
         Command::Pki(PkiCommand::Revoke { dir, serial, cert, crl_days }) => {
-            pki_cli::revoke(&dir, serial, cert.as_deref(), crl_days).map(drop)
+            pki_cli::revoke(&dir, serial, cert.as_deref(), crl_days, &mut std::io::stdout()).map(drop)
         }
-        Command::Pki(PkiCommand::RotateKey { dir, device, out }) => pki_cli::rotate_key(&dir, device, &out).map(drop),
+        Command::Pki(PkiCommand::RotateKey { dir, device, out }) => {
+            pki_cli::rotate_key(&dir, device, &out, &mut std::io::stdout()).map(drop)
+        }
         Command::Pki(PkiCommand::RevokeKey { dir, device, public }) => {
-            pki_cli::revoke_key(&dir, device, public.as_deref()).map(drop)
+            pki_cli::revoke_key(&dir, device, public.as_deref(), &mut std::io::stdout()).map(drop)
         }
     }
 }

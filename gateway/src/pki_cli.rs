@@ -6,14 +6,15 @@
 //! revoked serial can be traced to its device) and `device-keys.txt`, the registry of device
 //! public keys the cloud verifies with (format: `tidesync_core::auth::KeyRegistry`). Every file is
 //! written through a temporary file and a rename, so a crash never leaves half a key; secrets with
-//! 0600 permissions, the public key registry with 0644.
+//! 0600 permissions, the public key registry with 0644. What each command did is written to the
+//! `report` its caller passes (the CLI's stdout; the demo discards it).
 //!
 //! Issuing a device certificate also makes its Ed25519 signing key (`PREFIX.sign.key`, 64 hex
 //! digits of the seed from the OS random number generator) and registers the public half. The
 //! public key is registered before the secret is written: a crash in between leaves a listed key
 //! nobody holds (harmless), never a device signing with a key the cloud does not know.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -94,7 +95,7 @@ fn write_crl(dir: &Path, ca: &FleetCa, revoked_serials: &[u64], crl_days: u64) -
 }
 
 /// Creates a fleet CA in `dir` (which must not hold one yet).
-pub fn init(dir: &Path, fleet: &str, ca_days: u64, crl_days: u64) -> anyhow::Result<()> {
+pub fn init(dir: &Path, fleet: &str, ca_days: u64, crl_days: u64, report: &mut dyn Write) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if dir.join("ca.key").exists() {
         bail!("{} already holds a fleet CA", dir.display());
@@ -106,12 +107,12 @@ pub fn init(dir: &Path, fleet: &str, ca_days: u64, crl_days: u64) -> anyhow::Res
     write_private(&dir.join("serial"), "1\n")?;
     write_private(&dir.join("revoked"), "")?;
     write_crl(dir, &ca, &[], crl_days)?;
-    println!("fleet CA {fleet} created in {}", dir.display());
+    writeln!(report, "fleet CA {fleet} created in {}", dir.display())?;
     Ok(())
 }
 
 /// Issues a certificate for `holder`, written as `out.pem` and `out.key`; returns its serial.
-pub fn issue(dir: &Path, holder: &Holder, out: &Path, days: u64) -> anyhow::Result<u64> {
+pub fn issue(dir: &Path, holder: &Holder, out: &Path, days: u64, report: &mut dyn Write) -> anyhow::Result<u64> {
     let ca = load_ca(dir)?;
     let serial: u64 = read(&dir.join("serial"))?.trim().parse().context("bad serial file")?;
     write_private(&dir.join("serial"), &format!("{}\n", serial + 1))?;
@@ -127,24 +128,29 @@ pub fn issue(dir: &Path, holder: &Holder, out: &Path, days: u64) -> anyhow::Resu
     write_private(&key_path, &issued.key_pem)?;
     write_private(&cert_path, &issued.cert_pem)?;
     record_issued(dir, serial, identity)?;
-    println!("issued serial {serial} for {identity}: {} {}", cert_path.display(), key_path.display());
+    writeln!(report, "issued serial {serial} for {identity}: {} {}", cert_path.display(), key_path.display())?;
     if let Identity::Device(device) = identity {
-        new_signing_key(dir, device, out)?;
+        new_signing_key(dir, device, out, report)?;
     }
     Ok(serial)
 }
 
 /// Makes a new signing key for `device`, written as `out.sign.key`; its earlier keys stay active
 /// (events it signed before still verify) until `revoke-key`. Returns the public key.
-pub fn rotate_key(dir: &Path, device: DeviceId, out: &Path) -> anyhow::Result<[u8; auth::PUBLIC_KEY_BYTES]> {
+pub fn rotate_key(
+    dir: &Path,
+    device: DeviceId,
+    out: &Path,
+    report: &mut dyn Write,
+) -> anyhow::Result<[u8; auth::PUBLIC_KEY_BYTES]> {
     // Only a PKI directory gets a registry: a typo in --dir must not start a new fleet's.
     anyhow::ensure!(dir.join("ca.pem").exists(), "{} holds no fleet CA (run `pki init`)", dir.display());
-    new_signing_key(dir, device, out)
+    new_signing_key(dir, device, out, report)
 }
 
 /// Revokes `device`'s signing keys (all active ones, or only `public`, 64 hex digits) in the
 /// registry. Returns how many were revoked; none is an error.
-pub fn revoke_key(dir: &Path, device: DeviceId, public: Option<&str>) -> anyhow::Result<usize> {
+pub fn revoke_key(dir: &Path, device: DeviceId, public: Option<&str>, report: &mut dyn Write) -> anyhow::Result<usize> {
     let public = public
         .map(|text| auth::parse_public_key(text).with_context(|| format!("--public {text:?} is not a public key")))
         .transpose()?;
@@ -156,15 +162,21 @@ pub fn revoke_key(dir: &Path, device: DeviceId, public: Option<&str>) -> anyhow:
         dir.join(DEVICE_KEYS_FILE).display()
     );
     save_registry(dir, &registry)?;
-    println!(
+    writeln!(
+        report,
         "revoked {n_revoked} signing key(s) of device {device}; {} active remain",
         registry.active(&device).count()
-    );
+    )?;
     Ok(n_revoked)
 }
 
 /// Draws a seed, registers its public key, then writes the secret as `out.sign.key` (0600).
-fn new_signing_key(dir: &Path, device: DeviceId, out: &Path) -> anyhow::Result<[u8; auth::PUBLIC_KEY_BYTES]> {
+fn new_signing_key(
+    dir: &Path,
+    device: DeviceId,
+    out: &Path,
+    report: &mut dyn Write,
+) -> anyhow::Result<[u8; auth::PUBLIC_KEY_BYTES]> {
     let seed = pki::signing_seed().context("cannot make a signing key")?;
     let public = DeviceSigner::from_seed(device, seed).public_key();
     let mut registry = load_registry(dir)?;
@@ -177,11 +189,12 @@ fn new_signing_key(dir: &Path, device: DeviceId, out: &Path) -> anyhow::Result<[
     let sign_key_path = PathBuf::from(format!("{}.sign.key", out.display()));
     write_private(&sign_key_path, &auth::format_seed(&seed))?;
     let public_hex: String = public.iter().map(|byte| format!("{byte:02x}")).collect();
-    println!(
+    writeln!(
+        report,
         "signing key for device {device}: {} (public {public_hex}, {} active)",
         sign_key_path.display(),
         registry.active(&device).count()
-    );
+    )?;
     Ok(public)
 }
 
@@ -235,7 +248,13 @@ fn device_of_serial(dir: &Path, serial: u64) -> anyhow::Result<Option<DeviceId>>
 /// Revokes a serial (or the certificate in a file) and rewrites `crl.pem`.
 /// A device certificate's signing keys are revoked with it: a stolen device must not keep
 /// signing through a gateway that has not seen the new revocation list.
-pub fn revoke(dir: &Path, serial: Option<u64>, cert: Option<&Path>, crl_days: u64) -> anyhow::Result<u64> {
+pub fn revoke(
+    dir: &Path,
+    serial: Option<u64>,
+    cert: Option<&Path>,
+    crl_days: u64,
+    report: &mut dyn Write,
+) -> anyhow::Result<u64> {
     let (serial, device) = match (serial, cert) {
         (Some(serial), None) => (serial, device_of_serial(dir, serial)?),
         (None, Some(cert)) => {
@@ -256,18 +275,19 @@ pub fn revoke(dir: &Path, serial: Option<u64>, cert: Option<&Path>, crl_days: u6
     let text: String = serials.iter().map(|serial| format!("{serial}\n")).collect();
     write_private(&dir.join("revoked"), &text)?;
     write_crl(dir, &ca, &serials, crl_days)?;
-    println!("revoked serial {serial}; {} now lists {} serials", dir.join("crl.pem").display(), serials.len());
+    writeln!(report, "revoked serial {serial}; {} now lists {} serials", dir.join("crl.pem").display(), serials.len())?;
     match device {
         Some(device) => {
             let mut registry = load_registry(dir)?;
             let n_revoked = registry.revoke(&device, None);
             save_registry(dir, &registry)?;
-            println!("revoked {n_revoked} signing key(s) of device {device}");
+            writeln!(report, "revoked {n_revoked} signing key(s) of device {device}")?;
         }
-        None if cert.is_none() => println!(
+        None if cert.is_none() => writeln!(
+            report,
             "serial {serial} is not a device in {}: no signing keys revoked (use `pki revoke-key` for a device's keys)",
             dir.join(ISSUED_FILE).display()
-        ),
+        )?,
         None => {}
     }
     Ok(serial)

@@ -135,7 +135,7 @@ impl Pki {
     /// Makes the fleet CA in `dir`, or uses the one a `--data-dir` of an earlier run holds.
     fn new(dir: &Path) -> Result<Self> {
         if !dir.join("ca.key").exists() {
-            pki_cli::init(dir, "demo-fleet", PKI_DAYS, PKI_DAYS).context("pki init")?;
+            pki_cli::init(dir, "demo-fleet", PKI_DAYS, PKI_DAYS, &mut std::io::sink()).context("pki init")?;
         }
         Ok(Self { dir: dir.to_path_buf() })
     }
@@ -144,7 +144,8 @@ impl Pki {
     /// signing key `NAME.sign.key`, registered in `device-keys.txt`). Returns the cert and key paths.
     fn issue(&self, holder: &Holder, name: &str) -> Result<(PathBuf, PathBuf)> {
         let out = self.dir.join(name);
-        pki_cli::issue(&self.dir, holder, &out, PKI_DAYS).with_context(|| format!("pki issue {name}"))?;
+        pki_cli::issue(&self.dir, holder, &out, PKI_DAYS, &mut std::io::sink())
+            .with_context(|| format!("pki issue {name}"))?;
         Ok((self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key"))))
     }
 

@@ -38,7 +38,7 @@ fn gateway(name: &str) -> GatewayId {
 /// `FLEET_DIR/device-keys.txt`. Returns the key file's path.
 fn issue_signing_key(fleet: &Fleet, device: DeviceId) -> PathBuf {
     let out = fleet.dir.join(device.as_str());
-    pki_cli::rotate_key(&fleet.dir, device, &out).unwrap();
+    pki_cli::rotate_key(&fleet.dir, device, &out, &mut std::io::sink()).unwrap();
     fleet.dir.join(format!("{device}.sign.key"))
 }
 
