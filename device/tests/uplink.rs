@@ -267,6 +267,11 @@ async fn events_arrive_exactly_once_the_device_prunes_and_the_shadow_syncs_both_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_roams_when_its_gateway_dies_mid_stream_and_nothing_is_lost_or_doubled() {
+    // Logs show in the output of a failed run (RUST_LOG=tidesync_device=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let fleet = Fleet::new();
     let device = DeviceId::new("sensor-2").unwrap();
     let upstream = upstream_store();
@@ -288,23 +293,38 @@ async fn a_device_roams_when_its_gateway_dies_mid_stream_and_nothing_is_lost_or_
         rand_chacha::ChaCha8Rng::seed_from_u64(3),
         shutdown,
     ));
-    // Record in the background while gateway A dies.
-    let producer = {
+    // Record in the background while gateway A dies. The second half is recorded only once A is
+    // dead, so that it must go through B however fast A took the first half.
+    let recording = |chunks: std::ops::Range<u64>| {
         let agent = Arc::clone(&agent);
         std::thread::spawn(move || {
-            for chunk in 0..40 {
+            for chunk in chunks {
                 record(&agent, 1 + chunk * 100, 100);
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
     };
+    let first_half = recording(0..20);
     wait_until("gateway A got some events", Duration::from_secs(20), || counters.snapshot().committed_seq >= 500).await;
     gateway_a.kill();
-    producer.join().unwrap();
-    wait_until("everything is committed via gateway B", Duration::from_secs(30), || {
-        counters.snapshot().committed_seq == 4000
-    })
-    .await;
+    first_half.join().unwrap();
+    recording(20..40).join().unwrap();
+    let start = Instant::now();
+    while counters.snapshot().committed_seq != 4000 {
+        if start.elapsed() > Duration::from_secs(30) {
+            // Say where it stuck: the uplink's counters, what the gateways hold, the ledger.
+            let held = upstream_seqs(&upstream, &device);
+            let agent_for_status = Arc::clone(&agent);
+            let status = tokio::task::spawn_blocking(move || agent_for_status.status().unwrap()).await.unwrap();
+            panic!(
+                "timed out waiting until everything is committed via gateway B: {:?}; upstream holds {} up to {:?}; {status:?}",
+                counters.snapshot(),
+                held.len(),
+                held.last()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(upstream_seqs(&upstream, &device), (1..=4000).collect::<Vec<_>>());
     assert_eq!(upstream.lock().unwrap().n_new, 4000, "no event stored twice");
     let snapshot = counters.snapshot();
