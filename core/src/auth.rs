@@ -305,7 +305,9 @@ pub struct DeviceKeys {
 /// another core (see [`verified_signatures`]) and consulted by [`verify_batch`] before it spends
 /// an Ed25519 verification. An entry is a SHA-256 over the public key, the message and the
 /// signature, so it vouches for exactly that triple: an altered event changes the message, a
-/// removed key is never asked about, and a wrong entry can only cost a verification.
+/// removed key is never asked about, and an entry left over from another batch matches nothing,
+/// or costs a verification when it is missing. The record is part of the verifier: only entries
+/// from [`verified_signatures`] may go in.
 pub trait VerifiedSignatures: Send + Sync + fmt::Debug {
     /// Whether `entry` was recorded; forgets it (each batch's signatures are checked once).
     fn take(&self, entry: &[u8; 32]) -> bool;
