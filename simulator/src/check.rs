@@ -161,13 +161,10 @@ pub fn check_exactly_once(world: &World) -> Vec<CheckFailure> {
     let mut logged = world.cloud.log.clone();
     logged.sort_unstable();
     let mut n_distinct = 0;
-    for (index, id) in logged.iter().enumerate() {
-        if index > 0 && logged[index - 1] == *id {
-            if index < 2 || logged[index - 2] != *id {
-                failures.push(format!("{id} is in the cloud log more than once"));
-            }
-        } else {
-            n_distinct += 1;
+    for same in logged.chunk_by(|a, b| a == b) {
+        n_distinct += 1;
+        if same.len() > 1 {
+            failures.push(format!("{} is in the cloud log more than once", same[0]));
         }
     }
     if n_distinct != store.len() {

@@ -843,14 +843,14 @@ impl World {
         if let (Frame::ShadowSync(sync), true) = (frame, self.options.spin_watchdog) {
             self.count_shadow_frame(from, conn, sync.device);
         }
-        if let (Endpoint::Device(_), Frame::Events(batch)) = (from, frame) {
-            self.security.verify_ahead(batch);
-        }
         let (link, direction) = self.link_of(from);
         let state = *self.link_state(link);
         if state.blocked(direction) || dice::chance(&mut self.rng, self.drawn.loss_percent) {
             self.stats.n_frames_lost += 1;
             return;
+        }
+        if let (Endpoint::Device(_), Frame::Events(batch)) = (from, frame) {
+            self.security.verify_ahead(batch);
         }
         // Workaround (see the report): core's shadow sync answers every sync message it receives,
         // so duplicated sync frames multiply without bound; QUIC never duplicates a frame, so

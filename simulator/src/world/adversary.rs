@@ -250,9 +250,8 @@ struct Adversary {
 pub(crate) struct Security {
     /// Per device index, its secret key seed (a clone has its original's).
     seeds: Vec<[u8; 32]>,
+    /// The devices' keys, as the cloud verifies with them (consulting `ahead` when there is one).
     keys: Arc<DeviceKeys>,
-    /// The keys the cloud verifies with: `keys`, consulting `ahead` when there is one.
-    cloud_keys: Arc<DeviceKeys>,
     /// Devices' signatures verified as they send, on another core
     /// ([`crate::options::SimOptions::verify_ahead`]).
     ahead: Option<VerifyAhead>,
@@ -281,7 +280,7 @@ impl Security {
         if skip_verify || self.unsigned {
             ingest
         } else {
-            ingest.verifying(self.cloud_keys.clone())
+            ingest.verifying(self.keys.clone())
         }
     }
 
@@ -621,11 +620,11 @@ impl World {
             }
             self.security.seeds.push(seed);
         }
-        self.security.keys = Arc::new(keys);
-        self.security.cloud_keys = self.security.keys.clone();
+        let keys = Arc::new(keys);
+        self.security.keys = keys.clone();
         if self.options.verify_ahead && !self.options.unsigned && !self.options.bugs.skip_verify {
-            let ahead = VerifyAhead::start(self.security.keys.clone());
-            self.security.cloud_keys = ahead.consulted_by(&self.security.keys);
+            let ahead = VerifyAhead::start(keys.clone());
+            self.security.keys = ahead.consulted_by(&keys);
             self.security.ahead = Some(ahead);
         }
         if !self.options.adversaries {
